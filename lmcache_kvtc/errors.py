@@ -1,0 +1,29 @@
+"""The error taxonomy: every bad input ends in one of these, never in wrong KV."""
+
+
+class CodecError(Exception):
+    """Base class of everything the codec refuses to encode, decode or load."""
+
+
+class TruncatedBlobError(CodecError):
+    """The blob ends before the bytes its header promises."""
+
+
+class CorruptBlobError(CodecError):
+    """A checksum or an internal size does not match: the bytes changed after encoding."""
+
+
+class ForeignBlobError(CodecError):
+    """Not a KVTC blob, or a format version this code does not read."""
+
+
+class CalibrationMismatchError(CodecError):
+    """The blob was made with another calibration (or for another model/layout)."""
+
+
+class LayoutError(CodecError):
+    """The KV tensor has a shape, dtype or size this calibration cannot code."""
+
+
+class CalibrationError(CodecError):
+    """A calibration file is missing, malformed or inconsistent."""
