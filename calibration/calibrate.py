@@ -57,6 +57,7 @@ def calibrate(
     ratios: Sequence[float] = DEFAULT_RATIOS,
     out: str | Path | None = None,
     source: str = "custom text",
+    key_weight: float | None = None,
 ) -> Calibration:
     """Calibrate ``model`` on ``tokens`` tokens of ``documents`` cut into contexts of ``context`` tokens."""
     started = time.time()
@@ -92,7 +93,6 @@ def calibrate(
         "sinks_excluded": SINKS,
         "window_excluded": WINDOW,
         "rope_type": str(getattr(lm.config, "rope_parameters", None)),
-        "heldout_energy": {s: float(heldout[i].double().square().sum(1).mean()) for i, s in enumerate(("keys", "values"))},
     }
     calibration = fit_calibration(
         model_id=Path(model).name if Path(model).is_dir() else model,
@@ -102,6 +102,7 @@ def calibrate(
         fit_batches=fit_batches(),
         heldout=heldout,
         ratios=ratios,
+        key_weight=key_weight,
         info=info,
     )
     progress.close()

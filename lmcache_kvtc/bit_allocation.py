@@ -85,44 +85,57 @@ def _transitions(table: ErrorTable, start: int):
             yield block, table.error(block)
 
 
+class BitAllocator:
+    """The DP, run once up to ``max_budget`` bits per token.
+
+    ``curve[b]`` is the least error reachable with at most ``b`` bits; :meth:`covering`
+    backtracks the blocks (dropped ones included) that reach it.
+    """
+
+    def __init__(self, table: ErrorTable, max_budget: int):
+        self.table = table
+        inf = float("inf")
+        best = {0: torch.full((max_budget + 1,), inf, dtype=torch.float64)}
+        best[0][0] = 0.0
+        self._choice: dict[int, torch.Tensor] = {}
+        self._moves: dict[int, list[Block]] = {}
+        for start in range(table.rank):
+            source = best.pop(start, None)
+            if source is None:
+                continue
+            for block, error in _transitions(table, start):
+                if block.cost > max_budget:
+                    continue
+                end = start + block.size
+                if end not in best:
+                    best[end] = torch.full_like(source, inf)
+                    self._choice[end] = torch.full((max_budget + 1,), -1, dtype=torch.int8)
+                    self._moves[end] = []
+                candidate = torch.full_like(source, inf)
+                candidate[block.cost :] = source[: max_budget + 1 - block.cost] + error
+                better = candidate < best[end]
+                best[end] = torch.where(better, candidate, best[end])
+                self._choice[end][better] = len(self._moves[end])
+                self._moves[end].append(block)
+        self._exact = best[table.rank]  # least error using exactly b bits
+        self.curve = torch.cummin(self._exact, dim=0).values
+
+    def covering(self, budget: int) -> list[Block]:
+        """Blocks covering every component, of least error within ``budget`` bits per token."""
+        end, bits = self.table.rank, int(torch.argmin(self._exact[: budget + 1]))
+        blocks = []
+        while end > 0:
+            block = self._moves[end][int(self._choice[end][bits])]
+            blocks.append(block)
+            end -= block.size
+            bits -= block.cost
+        return blocks[::-1]
+
+
 def allocate(table: ErrorTable, budgets: list[int]) -> list[list[Block]]:
     """For each per-token bit budget, the blocks (dropped ones included) of least total error."""
-    top = max(budgets)
-    inf = float("inf")
-    best = {0: torch.full((top + 1,), inf, dtype=torch.float64)}
-    best[0][0] = 0.0
-    choice: dict[int, torch.Tensor] = {}
-    moves: dict[int, list[Block]] = {}
-    for start in range(table.rank):
-        source = best.pop(start, None)
-        if source is None:
-            continue
-        for block, error in _transitions(table, start):
-            if block.cost > top:
-                continue
-            end = start + block.size
-            if end not in best:
-                best[end] = torch.full_like(source, inf)
-                choice[end] = torch.full((top + 1,), -1, dtype=torch.int32)
-                moves[end] = []
-            candidate = torch.full_like(source, inf)
-            candidate[block.cost :] = source[: top + 1 - block.cost] + error
-            better = candidate < best[end]
-            best[end] = torch.where(better, candidate, best[end])
-            choice[end][better] = len(moves[end])
-            moves[end].append(block)
-    final = best[table.rank]
-    return [_backtrack(table.rank, int(torch.argmin(final[: b + 1])), choice, moves) for b in budgets]
-
-
-def _backtrack(end: int, bits_used: int, choice, moves) -> list[Block]:
-    blocks = []
-    while end > 0:
-        block = moves[end][int(choice[end][bits_used])]
-        blocks.append(block)
-        end -= block.size
-        bits_used -= block.cost
-    return blocks[::-1]
+    allocator = BitAllocator(table, max(budgets))
+    return [allocator.covering(b) for b in budgets]
 
 
 def greedy_allocate(table: ErrorTable, budget: int, size: int = 64) -> list[Block]:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .bit_allocation import allocate, measure_errors, plan_error
+from .bit_allocation import BitAllocator, measure_errors, plan_error
 from .calibration import STREAMS, Calibration, Plan, StreamBasis
 from .rope import RopeTable
 
@@ -59,6 +59,7 @@ def fit_calibration(
     fit_batches: Iterable[torch.Tensor],
     heldout: torch.Tensor,
     ratios: Iterable[float] = DEFAULT_RATIOS,
+    key_weight: float | None = None,
     info: dict | None = None,
 ) -> Calibration:
     """Build a calibration.
@@ -66,6 +67,10 @@ def fit_calibration(
     ``fit_batches`` yield ``[2, N, p]`` token features (de-rotated keys, values) for the
     PCA; ``heldout [2, M, p]`` are other tokens on which the DP measures quantization
     error. Sinks and recent-window tokens should be left out of both.
+
+    Each plan spends ``2·floor(16·p / ratio)`` bits per token. With ``key_weight=None``
+    each stream gets half; otherwise the split minimises
+    ``key_weight · rel_err(K) + rel_err(V)`` (relative squared errors on held-out data).
     """
     p = heldout.shape[2]
     accumulators = {s: FeatureCovariance(p) for s in STREAMS}
@@ -75,25 +80,38 @@ def fit_calibration(
     streams = {s: accumulators[s].pca() for s in STREAMS}
     ratios = sorted(float(r) for r in ratios)
     budgets = [int(16 * p // r) for r in ratios]
-    coverings, expected = {}, {}
+    top = budgets[0] if key_weight is None else 2 * budgets[0]
+    allocators, energy = {}, {}
     for i, s in enumerate(STREAMS):
         projections = (heldout[i].float() - streams[s].mean) @ streams[s].basis
-        table = measure_errors(projections)
-        energy = float(heldout[i].double().square().sum(dim=1).mean())
-        coverings[s] = allocate(table, budgets)
-        expected[s] = [plan_error(table, c) / energy for c in coverings[s]]
-    plans = [
-        Plan(
-            ratio=ratio,
-            blocks={s: tuple(b for b in coverings[s][k] if b.bits) for s in STREAMS},
-            expected_error={s: expected[s][k] for s in STREAMS},
+        allocators[s] = BitAllocator(measure_errors(projections), top)
+        energy[s] = float(heldout[i].double().square().sum(dim=1).mean())
+    plans = []
+    for ratio, budget in zip(ratios, budgets, strict=True):
+        split = _split(allocators, energy, budget, key_weight)
+        coverings = {s: allocators[s].covering(split[s]) for s in STREAMS}
+        plans.append(
+            Plan(
+                ratio=ratio,
+                blocks={s: tuple(b for b in coverings[s] if b.bits) for s in STREAMS},
+                expected_error={s: plan_error(allocators[s].table, coverings[s]) / energy[s] for s in STREAMS},
+            )
         )
-        for k, ratio in enumerate(ratios)
-    ]
     for s in STREAMS:
         rank = max(plan.rank(s) for plan in plans)
         streams[s].basis = streams[s].basis[:, :rank].contiguous()
-    layers = rope.layers
-    calibration = Calibration(model_id, layers, kv_heads, head_dim, rope, streams, plans, dict(info or {}))
+    info = dict(info or {}, key_weight=key_weight, heldout_energy=energy)
+    calibration = Calibration(model_id, rope.layers, kv_heads, head_dim, rope, streams, plans, info)
     calibration.validate()
     return calibration
+
+
+def _split(allocators: dict, energy: dict, budget: int, key_weight: float | None) -> dict[str, int]:
+    """Bits per token for keys and values out of ``2 · budget``."""
+    if key_weight is None:
+        return {"keys": budget, "values": budget}
+    total = 2 * budget
+    keys = allocators["keys"].curve[: total + 1] / energy["keys"]
+    values = allocators["values"].curve[: total + 1].flip(0) / energy["values"]
+    k = int(torch.argmin(key_weight * keys + values))
+    return {"keys": k, "values": total - k}

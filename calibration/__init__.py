@@ -1,0 +1,1 @@
+"""Offline real models, real text and KV-cache capture used to calibrate and evaluate KVTC."""

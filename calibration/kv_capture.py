@@ -1,0 +1,139 @@
+"""Bridge between a transformers decoder LM and LMCache's KV layout ``[2, L, T, H*D]``.
+
+LMCache keeps one tensor per chunk with K at index 0 and V at index 1, and per layer the KV heads concatenated
+along the last dim: ``kv[0, l, t, h*D:(h+1)*D] == keys[l][0, h, t, :]`` where ``keys[l]`` is the
+``[batch, heads, T, D]`` tensor of transformers' cache.  Keys in that cache are post-RoPE (and post-``k_norm`` for
+Gemma 3); :func:`capture_prerope_keys` gives the same keys before RoPE so a codec's RoPE removal can be checked
+exactly.
+
+Gemma 3's default cache keeps only the last ``sliding_window - 1`` positions of its sliding-window layers.  We pass a
+``DynamicCache()`` built *without* a config instead: every layer is then a full ``DynamicLayer``, so all layers hold
+all ``T`` tokens; the sliding-window *mask* is still built from the model config, so outputs are unchanged.
+Batch size 1 only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+def kv_dims(config: PretrainedConfig) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of a decoder config (text sub-config for multimodal ones)."""
+    cfg = config.get_text_config(decoder=True)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return int(cfg.num_hidden_layers), int(kv_heads), int(head_dim)
+
+
+def _as_batch(input_ids: torch.Tensor) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"expected input_ids of shape [T] or [1, T], got {tuple(ids.shape)}")
+    return ids.long()
+
+
+def kv_from_cache(cache: DynamicCache) -> torch.Tensor:
+    """Stack a transformers cache (batch 1) into ``[2, L, T, H*D]``; raises if a layer holds fewer tokens."""
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    if any(k is None for k in keys):
+        raise ValueError("cache has uninitialized layers")
+    lengths = {k.shape[-2] for k in keys} | {v.shape[-2] for v in values}
+    if len(lengths) != 1:
+        raise ValueError(f"cache layers hold different token counts {sorted(lengths)} (sliding-window cache?)")
+    if keys[0].shape[0] != 1:
+        raise ValueError("batch size must be 1")
+
+    def flat(x: torch.Tensor) -> torch.Tensor:  # [1, H, T, D] -> [T, H*D]
+        return x[0].transpose(0, 1).reshape(x.shape[-2], -1)
+
+    return torch.stack([torch.stack([flat(k) for k in keys]), torch.stack([flat(v) for v in values])])
+
+
+@torch.inference_mode()
+def prefill(
+    model: PreTrainedModel, input_ids: torch.Tensor, logits_to_keep: int = 0
+) -> tuple[torch.Tensor, CausalLMOutputWithPast]:
+    """Run ``input_ids`` through ``model`` keeping ALL tokens of every layer; return ``(kv, outputs)``.
+
+    ``kv`` is ``[2, L, T, H*D]`` in the model dtype; ``outputs.past_key_values`` is the full ``DynamicCache``.
+    ``logits_to_keep`` (0 = all) limits the logits computed, which matters for Gemma's 262k vocabulary.
+    """
+    ids = _as_batch(input_ids).to(model.device)
+    cache = DynamicCache()  # no config -> every layer a full DynamicLayer (also Gemma 3's sliding layers)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
+    kv = kv_from_cache(out.past_key_values)
+    if kv.shape[2] != ids.shape[1]:
+        raise RuntimeError(f"cache holds {kv.shape[2]} tokens, expected {ids.shape[1]}")
+    return kv, out
+
+
+def cache_from_kv(kv: torch.Tensor, config: PretrainedConfig | int) -> DynamicCache:
+    """Rebuild a ``DynamicCache`` from ``[2, L, T, H*D]`` so the model can continue with
+    ``model(next_ids, past_key_values=cache)``; ``config`` (or the number of KV heads) says how to split ``H*D``.
+
+    Every layer becomes a full ``DynamicLayer``, which is what :func:`prefill` produces for all model kinds.
+    """
+    if kv.dim() != 4 or kv.shape[0] != 2:
+        raise ValueError(f"expected kv of shape [2, L, T, H*D], got {tuple(kv.shape)}")
+    _, n_layers, t, hd = kv.shape
+    if isinstance(config, int):
+        kv_heads = config
+    else:
+        n_cfg, kv_heads, head_dim = kv_dims(config)
+        if (n_cfg, kv_heads * head_dim) != (n_layers, hd):
+            raise ValueError(f"kv shape {tuple(kv.shape)} does not match config (L={n_cfg}, H*D={kv_heads * head_dim})")
+    if hd % kv_heads:
+        raise ValueError(f"H*D={hd} not divisible by {kv_heads} heads")
+
+    def unflat(x: torch.Tensor) -> torch.Tensor:  # [T, H*D] -> [1, H, T, D]
+        return x.reshape(t, kv_heads, hd // kv_heads).transpose(0, 1).unsqueeze(0).contiguous()
+
+    return DynamicCache(ddp_cache_data=[(unflat(kv[0, i]), unflat(kv[1, i])) for i in range(n_layers)])
+
+
+@torch.inference_mode()
+def capture_prerope_keys(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Keys BEFORE RoPE as ``[L, T, H*D]`` (same layout as ``kv[0]``), via forward hooks.
+
+    Hooks ``self_attn.k_norm`` where it exists (Gemma 3: keys after ``k_norm``, layout ``[B, H, T, D]``) and
+    ``self_attn.k_proj`` otherwise (Qwen2: projection incl. bias, layout ``[B, T, H*D]``).  Used to prove that a
+    codec's RoPE removal/re-application is exact.
+    """
+    ids = _as_batch(input_ids).to(model.device)
+    layers = model.get_decoder().layers
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        norm = getattr(attn, "k_norm", None)
+        if isinstance(norm, torch.nn.Module):
+
+            def hook(_m: torch.nn.Module, _inp: object, out: torch.Tensor, i: int = i) -> None:
+                captured[i] = out[0].transpose(0, 1).reshape(out.shape[-2], -1)  # [1,H,T,D] -> [T, H*D]
+
+            handles.append(norm.register_forward_hook(hook))
+        else:
+
+            def hook(_m: torch.nn.Module, _inp: object, out: torch.Tensor, i: int = i) -> None:
+                captured[i] = out[0]  # [1, T, H*D]
+
+            handles.append(attn.k_proj.register_forward_hook(hook))
+    try:
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(captured) != len(layers):
+        raise RuntimeError(f"captured keys for {len(captured)} of {len(layers)} layers")
+    return torch.stack([captured[i] for i in range(len(layers))])

@@ -1,0 +1,74 @@
+"""Shared fixtures: real offline models and a small real calibration, built once per session.
+
+Real-model fixtures skip (with the command that prepares them) when the model is not in
+the cache, unless KVTC_REQUIRE_MODELS is set (CI sets it), in which case they fail.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from calibration import models
+
+REQUIRE_MODELS = bool(os.environ.get("KVTC_REQUIRE_MODELS"))
+SMALL_MODEL = "qwen2.5-coder-0.5b"
+
+
+def require_model(name: str) -> None:
+    if models.is_prepared(name):
+        return
+    message = f"{name} is not prepared; run `python -m calibration.models prepare {name}`"
+    if REQUIRE_MODELS:
+        pytest.fail(message + " (KVTC_REQUIRE_MODELS is set)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def qwen05():
+    require_model(SMALL_MODEL)
+    return models.load(SMALL_MODEL)
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    require_model("gemma-3-270m")
+    return models.load("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def small_calibration_path(qwen05, tmp_path_factory):
+    """A real calibration of Qwen2.5-Coder-0.5B on Wikipedia, small enough for CI (8 × 1024 tokens)."""
+    from calibration import texts
+    from calibration.calibrate import calibrate
+
+    path = tmp_path_factory.mktemp("calibration") / "qwen05-small.safetensors"
+    calibrate(SMALL_MODEL, texts.wikipedia_articles(), tokens=8 * 1024, context=1024, heldout_contexts=2,
+              ratios=(8, 16, 32), out=path, source="wikipedia (test)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_calibration(small_calibration_path):
+    from lmcache_kvtc import Calibration
+
+    return Calibration.load(small_calibration_path)
+
+
+@pytest.fixture(scope="session")
+def eval_kv(qwen05):
+    """A real bf16 KV cache ``[2, L, 640, H*D]`` of held-out text (Python docs) and its token ids."""
+    from calibration import texts
+    from calibration.kv_capture import prefill
+
+    model, tokenizer = qwen05
+    ids = texts.token_contexts(tokenizer, texts.python_docs(), 1, 640, seed=3)[0]
+    kv, _ = prefill(model, ids, logits_to_keep=1)
+    return kv, ids
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)

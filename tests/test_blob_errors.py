@@ -1,0 +1,130 @@
+"""Every bad input ends in a typed CodecError: never garbage KV, never another exception."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import struct
+import zlib
+
+import pytest
+import torch
+
+from lmcache_kvtc import (
+    CalibrationMismatchError,
+    CodecError,
+    CorruptBlobError,
+    ForeignBlobError,
+    KVTCCodec,
+    LayoutError,
+    TruncatedBlobError,
+)
+from lmcache_kvtc import blob as wire
+
+
+@pytest.fixture(scope="module")
+def codec_and_blob(small_calibration, eval_kv):
+    codec = KVTCCodec(small_calibration, ratio=16)
+    kv = eval_kv[0][:, :, :300].contiguous()
+    return codec, codec.encode(kv), kv
+
+
+def test_blob_from_another_calibration_is_refused(small_calibration, codec_and_blob):
+    codec, blob, _ = codec_and_blob
+    other = dataclasses.replace(small_calibration, info={**small_calibration.info, "note": "another calibration"})
+    other.__dict__.pop("_fingerprint", None)
+    assert other.fingerprint != small_calibration.fingerprint
+    with pytest.raises(CalibrationMismatchError, match="another calibration"):
+        KVTCCodec(other, ratio=16).decode(blob)
+
+
+def test_every_truncation_is_refused(codec_and_blob):
+    codec, blob, _ = codec_and_blob
+    lengths = sorted(set(range(0, 200)) | set(random.Random(0).sample(range(200, len(blob)), 200)))
+    for n in lengths:
+        with pytest.raises((TruncatedBlobError, ForeignBlobError, CorruptBlobError)):
+            codec.decode(blob[:n])
+
+
+def test_random_bit_flips_are_refused(codec_and_blob):
+    codec, blob, _ = codec_and_blob
+    rng = random.Random(7)
+    for _ in range(400):
+        corrupted = bytearray(blob)
+        for _ in range(rng.choice((1, 1, 2, 8))):
+            corrupted[rng.randrange(len(corrupted))] ^= 1 << rng.randrange(8)
+        if corrupted == blob:
+            continue
+        with pytest.raises(CodecError):
+            codec.decode(bytes(corrupted))
+
+
+def test_foreign_bytes_and_versions_are_refused(codec_and_blob):
+    codec, blob, _ = codec_and_blob
+    for foreign in (b"", b"PK\x03\x04" + bytes(200), bytes(1000), b"\x80\x04\x95" + bytes(50)):
+        with pytest.raises(ForeignBlobError):
+            codec.decode(foreign)
+    newer = bytearray(blob)
+    newer[4:6] = struct.pack("<H", 99)
+    with pytest.raises(ForeignBlobError, match="version"):
+        codec.decode(bytes(newer))
+
+
+def _forge(blob: bytes, **changes) -> bytes:
+    """A hostile blob: edited header fields with recomputed, valid CRCs."""
+    header, payload = wire.parse(blob)
+    header = dataclasses.replace(header, **changes)
+    return header.to_bytes() + bytes(payload)
+
+
+def test_forged_headers_with_valid_crcs_are_refused_before_allocating(codec_and_blob):
+    codec, blob, _ = codec_and_blob
+    for changes in (
+        {"tokens": wire.MAX_TOKENS},  # would allocate gigabytes if trusted
+        {"tokens": 301},
+        {"exact_tail": 0},
+        {"layers": 3},
+        {"plan": 7},
+        {"kv_size": 1},
+    ):
+        with pytest.raises(CodecError):
+            codec.decode(_forge(blob, **changes))
+    with pytest.raises(CodecError):
+        codec.decode(_forge(blob, tokens=1 << 30))
+
+
+def test_forged_payload_that_inflates_wrongly_is_refused(codec_and_blob):
+    codec, blob, _ = codec_and_blob
+    header, payload = wire.parse(blob)
+    bogus = zlib.compressobj(1, zlib.DEFLATED, -15)
+    chunk = bogus.compress(bytes(100)) + bogus.flush()
+    entry = header.chunks[-1]
+    forged_payload = bytes(payload[: entry.offset]) + chunk
+    chunks = header.chunks[:-1] + [dataclasses.replace(entry, compressed=len(chunk))]
+    forged = dataclasses.replace(header, chunks=chunks, payload_size=len(forged_payload),
+                                 payload_crc=zlib.crc32(forged_payload))
+    with pytest.raises(CorruptBlobError):
+        codec.decode(forged.to_bytes() + forged_payload)
+
+
+def test_wrong_shapes_dtypes_and_values_are_refused(codec_and_blob):
+    codec, _, kv = codec_and_blob
+    bad_inputs = [
+        kv[0],  # 3-D
+        kv[:, :-1],  # wrong layer count
+        kv[..., :-2],  # wrong hidden size
+        kv.float(),  # fp32
+        kv.to(torch.float8_e4m3fn),  # an fp8 cache
+        kv.view(torch.uint8),  # raw bytes
+        kv[:, :, :0],  # no tokens
+        "not a tensor",
+    ]
+    for bad in bad_inputs:
+        with pytest.raises(LayoutError):
+            codec.encode(bad)
+    poisoned = kv.clone()
+    poisoned[1, 2, 50, 3] = float("nan")
+    with pytest.raises(LayoutError, match="NaN"):
+        codec.encode(poisoned)
+    with pytest.raises(LayoutError):
+        codec.encode(kv, start=-1)

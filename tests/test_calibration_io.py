@@ -1,0 +1,70 @@
+"""Calibration files round-trip exactly; damaged or foreign files are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmcache_kvtc import Calibration, CalibrationError
+
+
+def test_calibration_file_roundtrips_exactly(small_calibration, tmp_path):
+    path = tmp_path / "copy.safetensors"
+    small_calibration.save(path)
+    loaded = Calibration.load(path)
+    assert loaded.fingerprint == small_calibration.fingerprint
+    assert loaded.plans == small_calibration.plans
+    assert loaded.model_id == small_calibration.model_id and loaded.info == small_calibration.info
+    for stream in ("keys", "values"):
+        assert torch.equal(loaded.streams[stream].basis, small_calibration.streams[stream].basis)
+        assert torch.equal(loaded.streams[stream].mean, small_calibration.streams[stream].mean)
+    assert torch.equal(loaded.rope.inv_freq, small_calibration.rope.inv_freq)
+
+
+def test_changed_content_changes_the_fingerprint(small_calibration_path, tmp_path):
+    tensors = load_file(str(small_calibration_path))
+    from safetensors import safe_open
+
+    with safe_open(str(small_calibration_path), "pt") as f:
+        metadata = f.metadata()
+    tensors["values.mean"][0] += 1e-3
+    path = tmp_path / "edited.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    assert Calibration.load(path).fingerprint != Calibration.load(small_calibration_path).fingerprint
+
+
+def test_damaged_or_foreign_files_are_refused(small_calibration_path, tmp_path):
+    data = small_calibration_path.read_bytes()
+    cases = {
+        "missing.safetensors": None,
+        "truncated.safetensors": data[: len(data) // 2],
+        "garbage.safetensors": b"\x00" * 64,
+        "pickle.pt": b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94.",
+    }
+    for name, content in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(CalibrationError):
+            Calibration.load(path)
+
+
+def test_inconsistent_plans_are_refused(small_calibration_path, tmp_path):
+    from safetensors import safe_open
+
+    tensors = load_file(str(small_calibration_path))
+    with safe_open(str(small_calibration_path), "pt") as f:
+        meta = json.loads(f.metadata()["kvtc"])
+    meta["plans"][0]["blocks"]["keys"].append([10**6, 64, 4])  # beyond the basis
+    path = tmp_path / "bad-plan.safetensors"
+    save_file(tensors, str(path), metadata={"kvtc": json.dumps(meta)})
+    with pytest.raises(CalibrationError, match="components"):
+        Calibration.load(path)
+    tensors["keys.basis"] = tensors["keys.basis"][:10]
+    meta["plans"][0]["blocks"]["keys"].pop()
+    save_file(tensors, str(path), metadata={"kvtc": json.dumps(meta)})
+    with pytest.raises(CalibrationError, match="features"):
+        Calibration.load(path)
