@@ -66,7 +66,8 @@ def run(
         "blob": info,
         "seconds": {"encode": encode_s, "decode": decode_s},
         "exact_tokens_identical": bool(
-            torch.equal(restored[:, :, :head], kv[:, :, :head]) and torch.equal(restored[:, :, middle.stop :], kv[:, :, middle.stop :])
+            torch.equal(restored[:, :, :head], kv[:, :, :head])
+            and torch.equal(restored[:, :, middle.stop :], kv[:, :, middle.stop :])
         ),
         "relative_error": {
             "keys": relative_error(kv[0, :, middle], restored[0, :, middle]),
@@ -83,13 +84,14 @@ def run(
 def format_report(r: dict) -> str:
     b, ratio = r["blob"]["bytes"], r["blob"]["ratio"]
     raw_mb = b["raw"] / 1e6
+    exact = r["blob"]["exact_tokens"]
     lines = [
         f"KVTC round trip — {r['model']}, {r['tokens']['context']}-token context, plan {r['plan_ratio']:g}x",
         f"  calibration : {r['calibration']} ({r['calibration_source']})",
         f"  text        : {r['text']}",
         f"  blob file   : {r['blob_file']}  ({b['blob']:,} bytes; {r['blob']['chunks']} DEFLATE chunks)",
         f"  bf16 KV     : {b['raw']:,} bytes  [2, L, T, H*D] = {r['blob']['layout']}",
-        f"  exact tokens: {r['blob']['exact_tokens']['head']} sinks + {r['blob']['exact_tokens']['tail']} recent window "
+        f"  exact tokens: {exact['head']} sinks + {exact['tail']} recent window "
         f"(identical after decode: {r['exact_tokens_identical']})",
         f"  ratio vs bf16, all bytes     : {ratio['overall']:.2f}x  (pre-entropy {ratio['overall_pre_entropy']:.2f}x)",
         f"  ratio of compressed region   : {ratio['region']:.2f}x  (pre-entropy {ratio['region_pre_entropy']:.2f}x)",
