@@ -136,7 +136,7 @@ def parse(blob: bytes | bytearray | memoryview) -> tuple[BlobHeader, memoryview]
     end = size + payload_size
     if len(view) < end:
         raise TruncatedBlobError(f"blob of {len(view)} bytes is shorter than header + payload ({end})")
-    if len(view) > end and (not flags & FLAG_PADDED or any(view[end:])):
+    if len(view) > end and (not flags & FLAG_PADDED or view[end:].tobytes().strip(b"\0")):
         raise CorruptBlobError(f"{len(view) - end} unexpected bytes after the payload")
     payload = view[size:end]
     if zlib.crc32(payload) != payload_crc:

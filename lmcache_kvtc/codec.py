@@ -154,6 +154,19 @@ class KVTCCodec:
         parts += [_to_bytes(pack(codes[layout.rows[w]], w)) for w in CODE_WIDTHS]
         return b"".join(parts)
 
+    def max_blob_size(self, tokens: int, exact_head: int = 0, exact_tail: int = 0, dtype=torch.bfloat16) -> int:
+        """Upper bound of ``len(encode(...))`` for this plan and layout (DEFLATE worst case included).
+
+        Depends only on the layout and the plan, as LMCache 0.5.6's fixed-size adapters need.
+        """
+        cal = self.calibration
+        n = tokens - exact_head - exact_tail
+        exact = 2 * cal.layers * (exact_head + exact_tail) * cal.hidden * dtype.itemsize
+        stream = sum(self._layout(self.plan_id, s).section_size(n) for s in STREAMS) if n > 0 else 0
+        chunks = -(-exact // CHUNK_SIZE) + -(-stream // CHUNK_SIZE)
+        deflate_bound = exact + stream + chunks * (CHUNK_SIZE >> 12) + chunks * (64 + 16)
+        return wire.header_size(len(cal.model_id.encode()), chunks) + deflate_bound
+
     # -- decode ---------------------------------------------------------------------------
     def decode(self, blob: bytes | bytearray | memoryview) -> torch.Tensor:
         """Reconstruct the ``[2, L, T, H·D]`` tensor; raises a :class:`CodecError` on any bad blob."""

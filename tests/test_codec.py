@@ -80,3 +80,15 @@ def test_decode_accepts_any_plan_of_the_same_calibration(small_calibration, eval
     blob = KVTCCodec(small_calibration, ratio=32).encode(kv)
     other = KVTCCodec(small_calibration, ratio=8)
     assert torch.equal(other.decode(blob), KVTCCodec(small_calibration, ratio=32).decode(blob))
+
+
+def test_max_blob_size_bounds_every_blob_even_incompressible_ones(small_calibration, eval_kv):
+    kv, _ = eval_kv
+    codec = KVTCCodec(small_calibration, ratio=16)
+    noise = (torch.rand(kv.shape, generator=torch.Generator().manual_seed(0)) * 8 - 4).to(kv.dtype)
+    for tensor in (kv, noise):
+        for start, window in ((0, 128), (256, 0)):
+            blob = codec.encode(tensor, start=start, window=window)
+            info = describe(blob)
+            head, tail = info["exact_tokens"]["head"], info["exact_tokens"]["tail"]
+            assert len(blob) <= codec.max_blob_size(kv.shape[2], head, tail)

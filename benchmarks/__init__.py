@@ -1,0 +1,1 @@
+"""Benchmarks: quality (rate–distortion vs baselines) and speed."""

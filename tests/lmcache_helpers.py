@@ -1,0 +1,38 @@
+"""Helpers shared by the LMCache integration tests (not fixtures: plain functions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmcache_kvtc import KVTCCodec
+
+
+def standalone(calibration, chunk: torch.Tensor, start: int, ratio: float = 16) -> torch.Tensor:
+    """What the codec alone returns for a chunk at a known position, coded the way the serde codes it."""
+    codec = KVTCCodec(calibration, ratio=ratio)
+    return codec.decode(codec.encode(chunk, start=start, sinks=4, window=0))
+
+
+def memory_obj(tensors: list[torch.Tensor]):
+    """A CPU LMCache ``TensorMemoryObj`` holding one or several kernel groups back to back."""
+    from lmcache.v1.memory_management import MemoryFormat, MemoryObjMetadata, TensorMemoryObj
+
+    raw = torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
+    return TensorMemoryObj(
+        raw_data=raw,
+        metadata=MemoryObjMetadata(
+            shape=tensors[0].shape, dtype=tensors[0].dtype, address=-1, phy_size=raw.numel(), ref_count=1,
+            fmt=MemoryFormat.KV_2LTD, shapes=[t.shape for t in tensors], dtypes=[t.dtype for t in tensors],
+        ),
+        parent_allocator=None,
+    )
+
+
+def byte_buffer(size: int):
+    return memory_obj([torch.zeros(size, dtype=torch.uint8)])
+
+
+def stored_files(root: Path) -> list[Path]:
+    return sorted(p for p in Path(root).rglob("*") if p.is_file())

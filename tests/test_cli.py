@@ -1,0 +1,55 @@
+"""The ``kvtc`` command and the main job, end to end on a real model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from calibration import texts
+from calibration.roundtrip import format_report, run
+from lmcache_kvtc import Calibration, KVTCCodec
+from lmcache_kvtc.cli import main
+
+
+def test_roundtrip_main_job_reports_honest_sizes_and_small_loss(small_calibration_path, tmp_path):
+    result = run(calibration=small_calibration_path, ratio=16, context=512, continuation=64, generate=8,
+                 blob_path=tmp_path / "rt.kvtc")
+    blob = (tmp_path / "rt.kvtc").read_bytes()
+    sizes = result["blob"]["bytes"]
+    assert sizes["blob"] == len(blob) and sizes["raw"] == 2 * 24 * 512 * 128 * 2
+    assert result["exact_tokens_identical"]
+    assert 16 * 0.97 <= result["blob"]["ratio"]["region_pre_entropy"] <= result["blob"]["ratio"]["region"]
+    assert result["blob"]["ratio"]["overall"] == pytest.approx(sizes["raw"] / len(blob))
+    assert 0 < result["relative_error"]["keys"] < 0.2 and 0 < result["relative_error"]["values"] < 0.6
+    assert abs(result["quality"]["delta_nll"]) < 0.5 and result["quality"]["kl"] < 0.5
+    assert result["samples"]["kvtc"] and "ratio of compressed region" in format_report(result)
+
+
+def test_inspect_explains_a_blob_and_flags_a_bad_one(small_calibration_path, eval_kv, tmp_path, capsys):
+    calibration = Calibration.load(small_calibration_path)
+    blob_path = tmp_path / "x.kvtc"
+    blob_path.write_bytes(KVTCCodec(calibration, ratio=8).encode(eval_kv[0]))
+    assert main(["inspect", str(blob_path), "--calibration", str(small_calibration_path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == [2, 24, 640, 128] and info["decodes_with"] == str(small_calibration_path)
+    assert info["calibration_fingerprint"] == calibration.fingerprint.hex()
+    data = bytearray(blob_path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    blob_path.write_bytes(data)
+    assert main(["inspect", str(blob_path)]) == 2
+    assert "CorruptBlobError" in capsys.readouterr().err
+
+
+def test_calibrate_command_writes_a_loadable_calibration_and_report(qwen05, tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(texts.wikipedia_articles()[:40]))
+    out = tmp_path / "cal.safetensors"
+    assert main(["calibrate", "--model", "qwen2.5-coder-0.5b", "--text", str(text), "--tokens", "4096",
+                 "--context", "1024", "--ratios", "8", "16", "--out", str(out)]) == 0
+    calibration = Calibration.load(out)
+    assert calibration.ratios == [8.0, 16.0] and calibration.info["source"] == str(text)
+    report = out.with_suffix(".report")
+    assert (report / "report.md").is_file() and (report / "rate_distortion.png").stat().st_size > 1000
+    assert torch.isfinite(calibration.streams["keys"].basis).all()
