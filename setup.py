@@ -21,5 +21,6 @@ setup(
         "calibrate": ["transformers>=5.0", "gguf", "accelerate", "matplotlib"],
         "test": ["pytest", "ruff"],
     },
-    entry_points={"console_scripts": ["kvtc=lmcache_kvtc.cli:main"]},
+    entry_points={"console_scripts": ["kvtc=lmcache_kvtc.cli:main",
+                                     "kvtc-lmcache-server=lmcache_kvtc.lmcache.launcher:main"]},
 )

@@ -2,13 +2,15 @@
 
 Each context is prefilled once; its KV cache minus the attention sinks and the recent
 window becomes per-token feature vectors (keys de-rotated with the model's own RoPE). The
-last contexts are held out: the DP measures quantization error on them, never on the
-tokens the PCA was fit on.
+last contexts are held out: the DP measures quantization error on them, and — with
+``key_weight="auto"`` — the model's own next-token KL on their last tokens picks how the
+bit budget is split between keys and values. Nothing held out is used to fit the PCA.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -16,19 +18,24 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lmcache_kvtc import KVTCCodec
 from lmcache_kvtc.calibration import Calibration
 from lmcache_kvtc.codec import token_features
-from lmcache_kvtc.fitting import DEFAULT_RATIOS, fit_calibration
+from lmcache_kvtc.fitting import DEFAULT_RATIOS, Planner, assemble, fit_bases
 from lmcache_kvtc.rope import rope_table_from_hf_config
 
 from . import models, texts
 from .kv_capture import kv_dims, prefill
+from .metrics import compare_logits, continuation_logits
 
 log = logging.getLogger(__name__)
 
 SINKS = 4
 WINDOW = 128
 MAX_HELDOUT_TOKENS = 4096
+KEY_WEIGHT_CANDIDATES = (None, 4.0, 16.0, 64.0)
+TUNING_RATIOS = (8.0, 16.0, 32.0)
+TUNING_CONTINUATION = 256
 
 
 def load_model(model: str):
@@ -41,11 +48,14 @@ def load_model(model: str):
     return loaded, AutoTokenizer.from_pretrained(model, local_files_only=True)
 
 
-def _context_features(model, ids: torch.Tensor, rope) -> torch.Tensor:
-    kv, _ = prefill(model, ids, logits_to_keep=1)
+def _features(kv: torch.Tensor, rope) -> torch.Tensor:
     tokens = kv.shape[2]
     keep = slice(SINKS, tokens - WINDOW)
     return token_features(kv[:, :, keep], torch.arange(tokens)[keep], rope)
+
+
+def _context_features(model, ids: torch.Tensor, rope) -> torch.Tensor:
+    return _features(prefill(model, ids, logits_to_keep=1)[0], rope)
 
 
 def calibrate(
@@ -57,9 +67,14 @@ def calibrate(
     ratios: Sequence[float] = DEFAULT_RATIOS,
     out: str | Path | None = None,
     source: str = "custom text",
-    key_weight: float | None = None,
+    key_weight: float | None | str = "auto",
 ) -> Calibration:
-    """Calibrate ``model`` on ``tokens`` tokens of ``documents`` cut into contexts of ``context`` tokens."""
+    """Calibrate ``model`` on ``tokens`` tokens of ``documents`` cut into contexts of ``context`` tokens.
+
+    ``key_weight``: ``None`` splits the bit budget evenly between K and V; a number weighs
+    the keys' relative error against the values'; ``"auto"`` tries a few and keeps the one
+    with the lowest next-token KL on held-out calibration contexts.
+    """
     started = time.time()
     lm, tokenizer = load_model(model)
     layers, kv_heads, head_dim = kv_dims(lm.config)
@@ -69,11 +84,11 @@ def calibrate(
     heldout_ids, fit_ids = contexts[-heldout_contexts:], contexts[:-heldout_contexts]
 
     progress = tqdm(total=n_contexts, desc=f"calibrating {model}", unit="ctx")
-    heldout = []
+    heldout_kv = []
     for ids in heldout_ids:
-        heldout.append(_context_features(lm, ids, rope))
+        heldout_kv.append(prefill(lm, ids, logits_to_keep=1)[0])
         progress.update()
-    heldout = torch.cat(heldout, dim=1)
+    heldout = torch.cat([_features(kv, rope) for kv in heldout_kv], dim=1)
     if heldout.shape[1] > MAX_HELDOUT_TOKENS:
         pick = torch.randperm(heldout.shape[1], generator=torch.Generator().manual_seed(0))[:MAX_HELDOUT_TOKENS]
         heldout = heldout[:, pick.sort().values]
@@ -83,6 +98,14 @@ def calibrate(
             yield _context_features(lm, ids, rope)
             progress.update()
 
+    streams = fit_bases(fit_batches())
+    progress.close()
+    planner = Planner(streams, heldout, min(ratios))
+    model_id = Path(model).name if Path(model).is_dir() else model
+    shape = {"model_id": model_id, "kv_heads": kv_heads, "head_dim": head_dim, "rope": rope, "streams": streams}
+    tuning = None
+    if key_weight == "auto":
+        key_weight, tuning = _tune_key_weight(lm, planner, shape, heldout_kv, heldout_ids, ratios)
     info = {
         "model": model,
         "source": source,
@@ -92,27 +115,46 @@ def calibrate(
         "heldout_tokens": int(heldout.shape[1]),
         "sinks_excluded": SINKS,
         "window_excluded": WINDOW,
-        "rope_type": str(getattr(lm.config, "rope_parameters", None)),
+        "rope_parameters": str(getattr(lm.config, "rope_parameters", None)),
+        "key_weight": key_weight,
+        "key_weight_tuning": tuning,
+        "heldout_energy": planner.energy,
     }
-    calibration = fit_calibration(
-        model_id=Path(model).name if Path(model).is_dir() else model,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        rope=rope,
-        fit_batches=fit_batches(),
-        heldout=heldout,
-        ratios=ratios,
-        key_weight=key_weight,
-        info=info,
-    )
-    progress.close()
+    calibration = assemble(**shape, plans=planner.plans(ratios, key_weight), info=info)
     calibration.info["seconds"] = round(time.time() - started, 1)
     if calibration.layers != layers:
         raise RuntimeError(f"RoPE table has {calibration.layers} layers, the model {layers}")
     if out is not None:
+        from .report import write_report
+
         calibration.save(out)
-        log.info("wrote %s (fingerprint %s)", out, calibration.fingerprint.hex())
+        report = write_report(calibration, Path(out).with_suffix(".report"))
+        log.info("wrote %s (fingerprint %s) and %s", out, calibration.fingerprint.hex(), report)
     return calibration
+
+
+def _tune_key_weight(lm, planner: Planner, shape: dict, kvs, ids_list, ratios) -> tuple[float | None, dict]:
+    """Pick the K/V split with the lowest mean log-KL of the model's next-token distributions."""
+    ratios = [r for r in ratios if r in TUNING_RATIOS] or list(ratios)
+    cases = []
+    for kv, ids in zip(kvs[:2], ids_list[:2], strict=False):
+        cut = kv.shape[2] - TUNING_CONTINUATION
+        prefix, continuation = kv[:, :, :cut].contiguous(), ids[cut:]
+        cases.append((prefix, continuation, continuation_logits(lm, prefix, continuation)))
+    scores: dict[str, dict[str, float]] = {}
+    for weight in tqdm(KEY_WEIGHT_CANDIDATES, desc="tuning the K/V bit split"):
+        candidate = assemble(**shape, plans=planner.plans(ratios, weight))
+        kls = {}
+        for ratio in ratios:
+            codec = KVTCCodec(candidate, ratio=ratio)
+            kls[str(ratio)] = sum(
+                compare_logits(reference, continuation_logits(lm, codec.decode(codec.encode(prefix)), cont), cont)["kl"]
+                for prefix, cont, reference in cases
+            ) / len(cases)
+        scores[str(weight)] = kls
+    best = min(KEY_WEIGHT_CANDIDATES, key=lambda w: sum(math.log(k + 1e-6) for k in scores[str(w)].values()))
+    log.info("K/V split: key_weight=%s (mean KL per ratio for each candidate: %s)", best, scores)
+    return best, scores
 
 
 def default_calibration_path(model: str) -> Path:

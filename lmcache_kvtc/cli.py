@@ -12,17 +12,16 @@ from pathlib import Path
 def _calibrate(args: argparse.Namespace) -> int:
     from calibration import texts
     from calibration.calibrate import calibrate
-    from calibration.report import write_report
 
     if args.text:
         documents = [Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text]
         source = ", ".join(args.text)
     else:
         documents, source = texts.wikipedia_articles(), "wikipedia (BIG-bench paragraph_segmentation)"
+    key_weight = {"auto": "auto", "equal": None}.get(args.key_weight) or float(args.key_weight)
     cal = calibrate(args.model, documents, tokens=args.tokens, context=args.context, ratios=args.ratios,
-                    out=args.out, source=source)
-    report = write_report(cal, Path(args.out).with_suffix(".report"))
-    print(f"wrote {args.out} (fingerprint {cal.fingerprint.hex()}); report {report}")
+                    out=args.out, source=source, key_weight=key_weight)
+    print(f"wrote {args.out} (fingerprint {cal.fingerprint.hex()}); report {Path(args.out).with_suffix('.report')}")
     return 0
 
 
@@ -63,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=48 * 1024, help="calibration tokens in total")
     p.add_argument("--context", type=int, default=2048, help="tokens per prefilled context")
     p.add_argument("--ratios", type=float, nargs="+", default=[4, 8, 12, 16, 24, 32, 48, 64])
+    p.add_argument("--key-weight", default="auto",
+                   help="K/V bit split: auto (tuned by KL on held-out text), equal, or a weight on key error")
     p.add_argument("--out", required=True, help="calibration file to write (.safetensors)")
     p.set_defaults(func=_calibrate)
 

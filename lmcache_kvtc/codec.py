@@ -20,6 +20,7 @@ import torch
 from . import blob as wire
 from .calibration import STREAMS, Calibration
 from .entropy import CHUNK_SIZE, CODER_RAW_DEFLATE, DeflateCPU
+from .entropy_gpu import DeflateNvcomp, select_coder
 from .errors import CalibrationMismatchError, CorruptBlobError, ForeignBlobError, LayoutError
 from .quantizer import FP16_MAX, dequantize, pack, packed_size, quantize, unpack
 from .rope import RopeTable
@@ -69,11 +70,11 @@ class KVTCCodec:
     """
 
     def __init__(self, calibration: Calibration, device: str | torch.device = "cpu", ratio: float = 16,
-                 coder: DeflateCPU | None = None):
+                 coder: DeflateCPU | DeflateNvcomp | None = None):
         self.calibration = calibration
         self.device = torch.device(device)
         self.plan_id = calibration.plan_index(ratio)
-        self.coder = coder or DeflateCPU()
+        self.coder = coder or select_coder(self.device)
         self._bases = {
             s: (calibration.streams[s].mean.to(self.device), calibration.streams[s].basis.to(self.device))
             for s in STREAMS
@@ -100,13 +101,14 @@ class KVTCCodec:
         tail = min(window, tokens - head)
         middle = slice(head, tokens - tail)
         exact = torch.cat((kv[:, :, :head], kv[:, :, tokens - tail :]), dim=2)
-        sections = [_to_bytes(exact.contiguous().view(torch.uint8))]
+        host = isinstance(self.coder, DeflateCPU)  # nvCOMP takes device tensors: symbols never leave the GPU
+        sections = [exact.contiguous().view(torch.uint8).view(-1)]
         n = tokens - head - tail
         if n:
             positions = torch.arange(start + head, start + tokens - tail, device=self.device)
             features = self._features(kv[:, :, middle].to(self.device), positions)
-            sections.append(b"".join(self._encode_stream(s, features[i]) for i, s in enumerate(STREAMS)))
-        payload, index = self.coder.compress(sections)
+            sections.append(torch.cat([self._encode_stream(s, features[i]) for i, s in enumerate(STREAMS)]))
+        payload, index = self.coder.compress([_to_bytes(t) for t in sections] if host else sections)
         header = wire.BlobHeader(
             fingerprint=self.calibration.fingerprint, model_id=self.calibration.model_id, kv_size=2,
             dtype=kv.dtype, plan=self.plan_id, coder=CODER_RAW_DEFLATE, layers=kv.shape[1], tokens=tokens,
@@ -136,7 +138,7 @@ class KVTCCodec:
             raise LayoutError("KV contains NaN or infinity")
         return features
 
-    def _encode_stream(self, stream: str, x: torch.Tensor) -> bytes:
+    def _encode_stream(self, stream: str, x: torch.Tensor) -> torch.Tensor:
         layout = self._layout(self.plan_id, stream)
         mean, basis = self._bases[stream]
         n = x.shape[0]
@@ -150,9 +152,9 @@ class KVTCCodec:
             q, lo, step = quantize(coefficients[:, components], bits)
             shift[ordinals], scale[ordinals] = lo.T, step.T
             codes[components.reshape(-1)] = q.reshape(n, -1).T
-        parts = [_to_bytes(torch.stack((shift, scale)).view(torch.uint8))]
-        parts += [_to_bytes(pack(codes[layout.rows[w]], w)) for w in CODE_WIDTHS]
-        return b"".join(parts)
+        parts = [torch.stack((shift, scale)).view(torch.uint8).reshape(-1)]
+        parts += [pack(codes[layout.rows[w]], w).reshape(-1) for w in CODE_WIDTHS]
+        return torch.cat(parts)
 
     def max_blob_size(self, tokens: int, exact_head: int = 0, exact_tail: int = 0, dtype=torch.bfloat16) -> int:
         """Upper bound of ``len(encode(...))`` for this plan and layout (DEFLATE worst case included).
@@ -174,8 +176,11 @@ class KVTCCodec:
         self._check_header(header)
         exact_bytes, stream_bytes = self._expected_sections(header)
         _check_chunks(header, exact_bytes, stream_bytes)
-        data = self.coder.decompress(payload, header.chunks, exact_bytes + stream_bytes)
-        buffer = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        if isinstance(self.coder, DeflateNvcomp):  # inflated straight into device memory
+            buffer = self.coder.decompress_tensor(payload, header.chunks, exact_bytes + stream_bytes)
+        else:
+            data = self.coder.decompress(payload, header.chunks, exact_bytes + stream_bytes)
+            buffer = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         out = torch.empty(2, header.layers, header.tokens, header.hidden, dtype=header.dtype, device=self.device)
         head, tail, n = header.exact_head, header.exact_tail, header.compressed_tokens
         exact = buffer[:exact_bytes].to(self.device).view(header.dtype)

@@ -50,6 +50,73 @@ class FeatureCovariance:
         )
 
 
+def fit_bases(fit_batches: Iterable[torch.Tensor]) -> dict[str, StreamBasis]:
+    """PCA per stream over ``[2, N, p]`` feature batches (de-rotated keys, values)."""
+    accumulators: dict[str, FeatureCovariance] = {}
+    for batch in fit_batches:
+        for i, s in enumerate(STREAMS):
+            accumulators.setdefault(s, FeatureCovariance(batch.shape[2])).add(batch[i])
+    return {s: accumulators[s].pca() for s in STREAMS}
+
+
+class Planner:
+    """Error tables and the DP on held-out tokens, computed once per calibration.
+
+    Every plan spends ``2·floor(16·p / ratio)`` bits per token on K and V together. With
+    ``key_weight=None`` each stream gets half (the paper's per-stream budget); otherwise the
+    split minimises ``key_weight · rel_err(K) + rel_err(V)`` (relative squared errors).
+    Plans for any ladder and key weight are then cheap, which lets calibration tune the
+    split by measuring the model's output.
+    """
+
+    def __init__(self, streams: dict[str, StreamBasis], heldout: torch.Tensor, min_ratio: float):
+        self.features = heldout.shape[2]
+        top = 2 * int(16 * self.features // min_ratio)
+        self.allocators: dict[str, BitAllocator] = {}
+        self.energy: dict[str, float] = {}
+        for i, s in enumerate(STREAMS):
+            projections = (heldout[i].float() - streams[s].mean) @ streams[s].basis
+            self.allocators[s] = BitAllocator(measure_errors(projections), top)
+            self.energy[s] = float(heldout[i].double().square().sum(dim=1).mean())
+
+    def plans(self, ratios: Iterable[float], key_weight: float | None = None) -> list[Plan]:
+        plans = []
+        for ratio in sorted(float(r) for r in ratios):
+            split = self._split(int(16 * self.features // ratio), key_weight)
+            coverings = {s: self.allocators[s].covering(split[s]) for s in STREAMS}
+            plans.append(
+                Plan(
+                    ratio=ratio,
+                    blocks={s: tuple(b for b in coverings[s] if b.bits) for s in STREAMS},
+                    expected_error={
+                        s: plan_error(self.allocators[s].table, coverings[s]) / self.energy[s] for s in STREAMS
+                    },
+                )
+            )
+        return plans
+
+    def _split(self, budget: int, key_weight: float | None) -> dict[str, int]:
+        if key_weight is None:
+            return {"keys": budget, "values": budget}
+        total = 2 * budget
+        keys = self.allocators["keys"].curve[: total + 1] / self.energy["keys"]
+        values = self.allocators["values"].curve[: total + 1].flip(0) / self.energy["values"]
+        k = int(torch.argmin(key_weight * keys + values))
+        return {"keys": k, "values": total - k}
+
+
+def assemble(*, model_id: str, kv_heads: int, head_dim: int, rope: RopeTable, streams: dict[str, StreamBasis],
+             plans: list[Plan], info: dict | None = None) -> Calibration:
+    """A validated calibration whose bases are trimmed to the rank its plans use."""
+    trimmed = {
+        s: StreamBasis(b.mean, b.basis[:, : max(p.rank(s) for p in plans)].contiguous(), b.eigenvalues)
+        for s, b in streams.items()
+    }
+    calibration = Calibration(model_id, rope.layers, kv_heads, head_dim, rope, trimmed, plans, dict(info or {}))
+    calibration.validate()
+    return calibration
+
+
 def fit_calibration(
     *,
     model_id: str,
@@ -62,56 +129,13 @@ def fit_calibration(
     key_weight: float | None = None,
     info: dict | None = None,
 ) -> Calibration:
-    """Build a calibration.
+    """Build a calibration in one go (PCA on ``fit_batches``, DP on ``heldout``; see :class:`Planner`).
 
-    ``fit_batches`` yield ``[2, N, p]`` token features (de-rotated keys, values) for the
-    PCA; ``heldout [2, M, p]`` are other tokens on which the DP measures quantization
-    error. Sinks and recent-window tokens should be left out of both.
-
-    Each plan spends ``2·floor(16·p / ratio)`` bits per token. With ``key_weight=None``
-    each stream gets half; otherwise the split minimises
-    ``key_weight · rel_err(K) + rel_err(V)`` (relative squared errors on held-out data).
+    Sinks and recent-window tokens should be left out of both.
     """
-    p = heldout.shape[2]
-    accumulators = {s: FeatureCovariance(p) for s in STREAMS}
-    for batch in fit_batches:
-        for i, s in enumerate(STREAMS):
-            accumulators[s].add(batch[i])
-    streams = {s: accumulators[s].pca() for s in STREAMS}
-    ratios = sorted(float(r) for r in ratios)
-    budgets = [int(16 * p // r) for r in ratios]
-    top = budgets[0] if key_weight is None else 2 * budgets[0]
-    allocators, energy = {}, {}
-    for i, s in enumerate(STREAMS):
-        projections = (heldout[i].float() - streams[s].mean) @ streams[s].basis
-        allocators[s] = BitAllocator(measure_errors(projections), top)
-        energy[s] = float(heldout[i].double().square().sum(dim=1).mean())
-    plans = []
-    for ratio, budget in zip(ratios, budgets, strict=True):
-        split = _split(allocators, energy, budget, key_weight)
-        coverings = {s: allocators[s].covering(split[s]) for s in STREAMS}
-        plans.append(
-            Plan(
-                ratio=ratio,
-                blocks={s: tuple(b for b in coverings[s] if b.bits) for s in STREAMS},
-                expected_error={s: plan_error(allocators[s].table, coverings[s]) / energy[s] for s in STREAMS},
-            )
-        )
-    for s in STREAMS:
-        rank = max(plan.rank(s) for plan in plans)
-        streams[s].basis = streams[s].basis[:, :rank].contiguous()
-    info = dict(info or {}, key_weight=key_weight, heldout_energy=energy)
-    calibration = Calibration(model_id, rope.layers, kv_heads, head_dim, rope, streams, plans, info)
-    calibration.validate()
-    return calibration
-
-
-def _split(allocators: dict, energy: dict, budget: int, key_weight: float | None) -> dict[str, int]:
-    """Bits per token for keys and values out of ``2 · budget``."""
-    if key_weight is None:
-        return {"keys": budget, "values": budget}
-    total = 2 * budget
-    keys = allocators["keys"].curve[: total + 1] / energy["keys"]
-    values = allocators["values"].curve[: total + 1].flip(0) / energy["values"]
-    k = int(torch.argmin(key_weight * keys + values))
-    return {"keys": k, "values": total - k}
+    streams = fit_bases(fit_batches)
+    ratios = list(ratios)
+    planner = Planner(streams, heldout, min(ratios))
+    info = dict(info or {}, key_weight=key_weight, heldout_energy=planner.energy)
+    return assemble(model_id=model_id, kv_heads=kv_heads, head_dim=head_dim, rope=rope, streams=streams,
+                    plans=planner.plans(ratios, key_weight), info=info)

@@ -42,13 +42,15 @@ class RopeTable:
         return 2 * self.inv_freq.shape[1]
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[layers, T, rotary_dim/2]`` exactly as the model computes them, in fp32."""
-        inv_freq = self.inv_freq.to(positions.device)
-        scaling = self.attention_scaling.to(positions.device)[:, None, None]
-        freqs = positions.float()[None, :, None] * inv_freq[:, None, :]
+        """cos/sin ``[layers, T, rotary_dim/2]`` exactly as the model computes them, in fp32.
+
+        Always computed on the CPU (the table is small) so GPU and CPU codecs agree bit for bit.
+        """
+        scaling = self.attention_scaling[:, None, None]
+        freqs = positions.cpu().float()[None, :, None] * self.inv_freq[:, None, :]
         cos = (freqs.cos() * scaling).to(dtype).float()
         sin = (freqs.sin() * scaling).to(dtype).float()
-        return cos, sin
+        return cos.to(positions.device), sin.to(positions.device)
 
     def _pairs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rot = x[..., : self.rotary_dim]

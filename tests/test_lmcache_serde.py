@@ -186,3 +186,14 @@ def test_calibration_selection_by_model_rank_and_group(tmp_path, small_calibrati
     (tmp_path / "index.json").write_text(json.dumps({"calibrations": [{"file": "missing.safetensors"}]}))
     with pytest.raises(CalibrationError):
         CalibrationSet.from_path(tmp_path)
+
+
+def test_a_damaged_multi_group_container_is_refused(engine, chunks):
+    _, dst, _ = roundtrip(engine, [chunks[0], chunks[1]])
+    data = bytes(dst.byte_array)
+    for bad in (data[:6], data[:20], b"KVTG\x01\x00\x03\x00" + data[8:], data[:-100000]):
+        out = memory_obj([torch.full_like(chunks[0], 7), torch.full_like(chunks[1], 7)])
+        with pytest.raises(CodecError):
+            src = memory_obj([torch.frombuffer(bytearray(bad), dtype=torch.uint8)])
+            KVTCDeserializer(engine).deserialize(src, out, KEY)
+        assert (out.get_tensor(0) == 7).all() and (out.get_tensor(1) == 7).all()

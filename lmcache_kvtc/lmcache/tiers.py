@@ -22,7 +22,8 @@ from lmcache.v1.distributed.internal_api import L2AdapterListener
 from lmcache.v1.distributed.storage_manager import StorageManager
 
 from ..calibration import Calibration
-from .serde import SERDE_TYPE, EncodeEvent, observe, register
+from .engine import EncodeEvent, observe
+from .serde import SERDE_TYPE, register
 
 CHUNK_TOKENS = 256
 

@@ -1,0 +1,231 @@
+"""Everything the kvtc serde does between LMCache's objects and KVTC blobs, free of LMCache's plumbing.
+
+Per kernel group: pick the calibration (:mod:`.calibrations`), map the layout to ``[2, L, T, H·D]``
+(:mod:`.layouts`), estimate the chunk's base position (:mod:`.position`) and code it with
+``start=estimate, sinks, window=0`` and ``FLAG_START_ESTIMATED``. Several groups go into a small
+length-prefixed container. Decoding validates every group completely before anything is returned.
+Shared by the MP serde (:mod:`.serde`) and the classic storage plugin (:mod:`.classic`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from lmcache.logging import init_logger
+from lmcache.v1.distributed.api import ObjectKey
+
+from .. import blob as wire
+from ..calibration import Calibration
+from ..codec import KVTCCodec
+from ..errors import CodecError, CorruptBlobError
+from .calibrations import CalibrationSet
+from .layouts import GroupLayout, UnsupportedLayoutError, classify, from_split, to_split
+from .options import SerdeOptions
+from .position import PositionEstimator
+
+log = init_logger(__name__)
+
+#: container for multi-group objects: magic, version, group count, then one u64 length per blob
+GROUP_MAGIC = b"KVTG"
+_GROUP_HEADER = struct.Struct("<4sHH")
+_GROUP_LENGTH = struct.Struct("<Q")
+_BLOB_EXTENT = struct.Struct("<8xI52xQ")  # header_size at offset 8, payload_size at offset 64
+
+
+@dataclass(frozen=True)
+class EncodeEvent:
+    """What one group of one stored object became (for reports and tests; see :func:`observe`)."""
+
+    key: ObjectKey
+    group: int
+    start: int
+    candidates: int
+    blob_bytes: int
+    raw_bytes: int
+
+
+_observers: list[Callable[[EncodeEvent], None]] = []
+
+
+@contextlib.contextmanager
+def observe() -> Iterator[list[EncodeEvent]]:
+    """Collect an :class:`EncodeEvent` for every group any kvtc serializer encodes inside the block."""
+    events: list[EncodeEvent] = []
+    _observers.append(events.append)
+    try:
+        yield events
+    finally:
+        _observers.remove(events.append)
+
+
+class KVTCEngine:
+    """Calibrations, codecs and position estimators shared by a serializer/deserializer pair."""
+
+    def __init__(self, options: SerdeOptions):
+        self.options = options
+        self.calibrations = CalibrationSet.from_path(options.calibration)
+        for calibration in self.calibrations.all():
+            calibration.plan_index(options.ratio)  # fail at startup, not per chunk, on a missing plan
+        self._codecs: dict[bytes, KVTCCodec] = {}
+        self._estimators: dict[bytes, PositionEstimator] = {}
+        self._lock = threading.Lock()
+        self._refused: set[tuple] = set()
+        self._estimates: dict[tuple, int] = {}
+
+    def codec(self, calibration: Calibration) -> KVTCCodec:
+        with self._lock:
+            fp = calibration.fingerprint
+            if fp not in self._codecs:
+                self._codecs[fp] = KVTCCodec(calibration, device=self.options.device, ratio=self.options.ratio)
+            return self._codecs[fp]
+
+    def estimator(self, calibration: Calibration) -> PositionEstimator:
+        with self._lock:
+            fp = calibration.fingerprint
+            if fp not in self._estimators:
+                self._estimators[fp] = PositionEstimator(
+                    calibration.rope, calibration.streams["keys"].mean, calibration.kv_heads,
+                    max_position=self.options.max_position,
+                )
+            return self._estimators[fp]
+
+    def head_dims(self) -> set[int]:
+        return {c.head_dim for c in self.calibrations.all()}
+
+    def group_layouts(self, shapes, dtypes) -> list[GroupLayout]:
+        """Layout of each kernel group; fused shapes are recognized with the calibrations' head_dim."""
+        layouts = []
+        for shape, dtype in zip(shapes, dtypes, strict=True):
+            errors = []
+            for head_dim in sorted(self.head_dims()) or [None]:
+                try:
+                    layouts.append(classify(shape, dtype, head_dim))
+                    break
+                except UnsupportedLayoutError as exc:
+                    errors.append(exc)
+            else:
+                raise errors[0]
+        return layouts
+
+    def group_bound(self, layout: GroupLayout) -> int:
+        """Largest blob any fitting calibration can produce for this group (sinks included)."""
+        fitting = self.calibrations.fitting(layout.layers, layout.hidden)
+        if not fitting:
+            raise UnsupportedLayoutError(
+                f"no kvtc calibration in {self.calibrations.origin} fits {layout.layers} layers × "
+                f"{layout.hidden} K/V width"
+            )
+        head = min(self.options.sinks, layout.tokens)
+        return max(
+            self.codec(c).max_blob_size(layout.tokens, exact_head=h, dtype=layout.dtype)
+            for c in fitting
+            for h in {0, head}
+        )
+
+    def estimate(self, shapes, dtypes) -> int:
+        """The fixed blob size of an object layout: a function of the layout and the options only."""
+        signature = describe_layout(shapes, dtypes)
+        if signature not in self._estimates:
+            bounds = [self.group_bound(layout) for layout in self.group_layouts(shapes, dtypes)]
+            extra = 0 if len(bounds) == 1 else _GROUP_HEADER.size + _GROUP_LENGTH.size * len(bounds)
+            self._estimates[signature] = extra + sum(bounds)
+        return self._estimates[signature]
+
+    def encode(self, tensors: list[torch.Tensor], key: ObjectKey | None) -> bytes:
+        """One object's kernel groups as one blob (or a group container); raises ``CodecError`` if unsupported."""
+        try:
+            return self._encode(tensors, key)
+        except (CodecError, ValueError) as exc:
+            self.refuse_once(describe_layout([t.shape for t in tensors], [t.dtype for t in tensors]), exc)
+            raise
+
+    def _encode(self, tensors: list[torch.Tensor], key: ObjectKey | None) -> bytes:
+        options = self.options
+        layouts = self.group_layouts([t.shape for t in tensors], [t.dtype for t in tensors])
+        blobs = []
+        for i, (tensor, layout) in enumerate(zip(tensors, layouts, strict=True)):
+            calibration = self.calibrations.select(
+                key.model_name if key else "", key.kv_rank if key else 0, key.object_group_id if key else 0,
+                i, layout.layers, layout.hidden,
+            )
+            kv = to_split(tensor, layout, calibration.head_dim)
+            guess = self.estimator(calibration).estimate(kv[0], options.chunk_size or layout.tokens)
+            flags = wire.FLAG_START_ESTIMATED | (wire.FLAG_PADDED if options.fixed_size and len(layouts) == 1 else 0)
+            blob = self.codec(calibration).encode(kv, start=guess.start, sinks=options.sinks, window=0, flags=flags)
+            blobs.append(blob)
+            raw = tensor.numel() * tensor.element_size()
+            event = EncodeEvent(key, i, guess.start, guess.candidates, len(blob), raw)
+            for callback in list(_observers):
+                callback(event)
+        if len(blobs) == 1:
+            return blobs[0]
+        header = _GROUP_HEADER.pack(GROUP_MAGIC, 1, len(blobs)) + b"".join(_GROUP_LENGTH.pack(len(b)) for b in blobs)
+        return header + b"".join(blobs)
+
+    def decode(self, data: memoryview, shapes, dtypes) -> list[torch.Tensor]:
+        """Every kernel group of a stored object, fully validated against the expected layout, on CPU."""
+        layouts = self.group_layouts(shapes, dtypes)
+        blobs = _split_groups(data, len(layouts))
+        return [self._decode_group(b, layout) for b, layout in zip(blobs, layouts, strict=True)]
+
+    def _decode_group(self, blob: memoryview, layout: GroupLayout) -> torch.Tensor:
+        header, _ = wire.parse(blob)
+        calibration = self.calibrations.by_fingerprint(header.fingerprint)
+        kv = self.codec(calibration).decode(blob)
+        expected = (2, layout.layers, layout.tokens, layout.hidden)
+        if tuple(kv.shape) != expected or kv.dtype != layout.dtype:
+            raise CorruptBlobError(
+                f"blob holds {tuple(kv.shape)} {kv.dtype}; the destination expects {expected} {layout.dtype}"
+            )
+        return from_split(kv.cpu(), layout, calibration.head_dim)
+
+    def refuse_once(self, tag: tuple, exc: Exception) -> None:
+        """One clear log line per kind of refused object (each refusal is also a failed store)."""
+        if tag not in self._refused:
+            self._refused.add(tag)
+            log.error("kvtc: cannot code LMCache object %s: %s -- the store fails (cache miss); "
+                      "nothing is written", tag, exc)
+
+
+def _split_groups(data: memoryview, groups: int) -> list[memoryview]:
+    """The blob(s) inside a stored object, each cut to its declared extent (zero padding dropped)."""
+    if groups == 1:
+        return [data[: _extent(data)]]
+    if len(data) < _GROUP_HEADER.size or bytes(data[:4]) != GROUP_MAGIC:
+        raise CorruptBlobError("multi-group kvtc object without its group header")
+    _, version, count = _GROUP_HEADER.unpack_from(data)
+    if version != 1 or count != groups:
+        raise CorruptBlobError(f"group header declares {count} groups (version {version}); expected {groups}")
+    offset = _GROUP_HEADER.size + _GROUP_LENGTH.size * count
+    if offset > len(data):
+        raise CorruptBlobError("group header extends past the stored object")
+    out = []
+    for i in range(count):
+        (length,) = _GROUP_LENGTH.unpack_from(data, _GROUP_HEADER.size + _GROUP_LENGTH.size * i)
+        if offset + length > len(data):
+            raise CorruptBlobError(f"group {i} extends past the stored object")
+        out.append(data[offset : offset + length])
+        offset += length
+    return out
+
+
+def _extent(data: memoryview) -> int:
+    """Bytes of header + payload a blob declares; padding (or an adapter's slack) after it is ignored.
+
+    ``wire.parse`` then checks both CRCs over exactly these bytes.
+    """
+    if len(data) < _BLOB_EXTENT.size or bytes(data[:4]) != wire.MAGIC:
+        return len(data)  # let wire.parse produce the precise error
+    header_size, payload_size = _BLOB_EXTENT.unpack_from(data)
+    return min(len(data), header_size + payload_size)
+
+
+def describe_layout(shapes, dtypes) -> tuple:
+    """A hashable, loggable summary of an object's kernel-group shapes and dtypes."""
+    return tuple((tuple(int(s) for s in shape), str(dtype).removeprefix("torch.")) for shape, dtype in
+                 zip(shapes, dtypes, strict=False))

@@ -1,0 +1,50 @@
+"""The ``kvtc`` serde's settings: the adapter JSON's ``"serde"`` dict, validated.
+
+    calibration   file or directory of calibrations (required; see .calibrations)
+    ratio         target compression ratio, one of the calibration's plans (default 16)
+    device        torch device for coding (default "cpu")
+    fixed_size    pad blobs to the estimate (default true; false only for adapters that keep sizes)
+    max_workers   serde thread pool size (default 1)
+    sinks         tokens kept exact at sequence position 0 (default 4)
+    max_position  positions searched for a chunk's base (default 131072)
+    chunk_size    base positions are multiples of this (default: the object's token count)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class SerdeOptions:
+    """The adapter JSON's serde kwargs, validated (unknown keys are errors, not silently ignored)."""
+
+    calibration: str
+    ratio: float = 16.0
+    device: str = "cpu"
+    fixed_size: bool = True
+    max_workers: int = 1
+    sinks: int = 4
+    max_position: int = 131072
+    chunk_size: int = 0
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, object]) -> SerdeOptions:
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(kwargs) - set(known)
+        if unknown:
+            raise ValueError(f"kvtc serde: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        if not isinstance(kwargs.get("calibration"), str) or not kwargs["calibration"]:
+            raise ValueError("kvtc serde: 'calibration' (a calibration file or directory) is required")
+        values: dict[str, object] = {}
+        for name, value in kwargs.items():
+            kind = {"float": float, "int": int, "bool": bool, "str": str}[str(known[name].type)]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"kvtc serde: {name} must be {kind.__name__}, got {value!r}")
+            values[name] = value
+        options = cls(**values)
+        if options.max_workers < 1 or options.sinks < 0 or options.max_position < 1 or options.chunk_size < 0:
+            raise ValueError(f"kvtc serde: out-of-range option in {kwargs}")
+        return options
