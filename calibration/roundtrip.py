@@ -7,6 +7,7 @@ compare with the uncompressed one.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def run(
     continuation: int = 256,
     generate: int = 40,
     blob_path: str | Path = "out/roundtrip.kvtc",
+    lmcache: bool = True,
 ) -> dict:
     cal_path = Path(calibration) if calibration else default_calibration(model)
     cal = Calibration.load(cal_path)
@@ -55,6 +57,7 @@ def run(
     reference_logits = continuation_logits(lm, kv, cont)
     restored_logits = continuation_logits(lm, restored, cont)
     quality = compare_logits(reference_logits, restored_logits, cont)
+    tiers = _through_lmcache(lm, kv, cont, reference_logits, cal_path, ratio) if lmcache else None
     return {
         "model": model,
         "calibration": str(cal_path),
@@ -74,11 +77,24 @@ def run(
             "values": relative_error(kv[1, :, middle], restored[1, :, middle]),
         },
         "quality": quality,
+        "lmcache": tiers,
         "samples": {
             "uncompressed": tokenizer.decode(greedy(lm, kv, cont[:1], generate)),
             "kvtc": tokenizer.decode(greedy(lm, restored, cont[:1], generate)),
         },
     }
+
+
+def _through_lmcache(lm, kv, cont, reference_logits, cal_path: Path, ratio: float) -> dict:
+    """The same cache in 256-token chunks through LMCache 0.5.6's MP StorageManager, kvtc serde and fs tier."""
+    from lmcache_kvtc.lmcache.tiers import store_and_load
+
+    with tempfile.TemporaryDirectory(prefix="kvtc-fs-tier-") as tier:
+        restored, stats = store_and_load(kv, str(cal_path), {"type": "fs", "base_path": tier}, ratio=ratio)
+    if restored is None:
+        return {**stats, "quality": None}
+    quality = compare_logits(reference_logits, continuation_logits(lm, restored, cont), cont)
+    return {**stats, "quality": quality}
 
 
 def format_report(r: dict) -> str:
@@ -102,10 +118,31 @@ def format_report(r: dict) -> str:
         f"  next {r['tokens']['continuation']} tokens (teacher-forced): NLL {r['quality']['nll']:.4f}, "
         f"ΔNLL {r['quality']['delta_nll']:+.4f}, KL {r['quality']['kl']:.4f} nats/token, "
         f"top-1 agreement {r['quality']['top1']:.3f}",
+        *_lmcache_lines(r.get("lmcache")),
         f"  greedy from uncompressed cache: {r['samples']['uncompressed']!r}",
         f"  greedy from KVTC cache        : {r['samples']['kvtc']!r}",
     ]
     return "\n".join(lines)
+
+
+def _lmcache_lines(t: dict | None) -> list[str]:
+    if t is None:
+        return []
+    raw = t["raw_bytes_per_chunk"]
+    stored = max(t["stored_bytes"])
+    blob = max(t["blob_bytes"])
+    lines = [
+        "  through LMCache 0.5.6 (MP StorageManager -> kvtc serde -> fs tier, positions unknown to the serde):",
+        f"    {t['chunks']} chunks of 256 tokens, {t['loaded_chunks']} back from L2; chunk positions estimated right: "
+        f"{t['positions_right']}/{t['chunks']}",
+        f"    per chunk: raw {raw:,} B, stored {stored:,} B padded to LMCache 0.5.6's fixed size "
+        f"({raw / stored:.1f}x), blob {blob:,} B ({raw / blob:.1f}x)",
+    ]
+    if t["quality"]:
+        q = t["quality"]
+        lines.append(f"    continuation: ΔNLL {q['delta_nll']:+.4f}, KL {q['kl']:.4f} nats/token, "
+                     f"top-1 {q['top1']:.3f} (no recent window kept exact: the serde never sees a sequence's end)")
+    return lines
 
 
 __all__ = ["run", "format_report", "models"]

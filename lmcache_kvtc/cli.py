@@ -29,7 +29,7 @@ def _roundtrip(args: argparse.Namespace) -> int:
     from calibration.roundtrip import format_report, run
 
     result = run(model=args.model, calibration=args.calibration, ratio=args.ratio, context=args.context,
-                 blob_path=args.blob)
+                 blob_path=args.blob, lmcache=not args.no_lmcache)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
 
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratio", type=float, default=16)
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--blob", default="out/roundtrip.kvtc")
+    p.add_argument("--no-lmcache", action="store_true", help="skip the pass through LMCache's fs tier")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_roundtrip)
 

@@ -14,7 +14,7 @@ from lmcache_kvtc.cli import main
 
 
 def test_roundtrip_main_job_reports_honest_sizes_and_small_loss(small_calibration_path, tmp_path):
-    result = run(calibration=small_calibration_path, ratio=16, context=512, continuation=64, generate=8,
+    result = run(calibration=small_calibration_path, ratio=16, context=512, continuation=64, generate=8, lmcache=True,
                  blob_path=tmp_path / "rt.kvtc")
     blob = (tmp_path / "rt.kvtc").read_bytes()
     sizes = result["blob"]["bytes"]
@@ -25,6 +25,10 @@ def test_roundtrip_main_job_reports_honest_sizes_and_small_loss(small_calibratio
     assert 0 < result["relative_error"]["keys"] < 0.2 and 0 < result["relative_error"]["values"] < 0.6
     assert abs(result["quality"]["delta_nll"]) < 0.5 and result["quality"]["kl"] < 0.5
     assert result["samples"]["kvtc"] and "ratio of compressed region" in format_report(result)
+    tiers = result["lmcache"]  # the same cache through LMCache's StorageManager, kvtc serde and fs tier
+    assert tiers["loaded_chunks"] == tiers["chunks"] == 2 and tiers["positions_right"] == 2
+    assert max(tiers["stored_bytes"]) < tiers["raw_bytes_per_chunk"] / 8
+    assert tiers["quality"]["kl"] < 0.5
 
 
 def test_inspect_explains_a_blob_and_flags_a_bad_one(small_calibration_path, eval_kv, tmp_path, capsys):
