@@ -114,6 +114,7 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "kl", "KL (nats/token)"), (axes[1], "delta_nll", "ΔNLL (nats/token)")):
@@ -123,6 +124,8 @@ def plot(result: dict, path: Path) -> None:
             if r["kind"] == "baseline":
                 ax.plot(r["region_ratio"], max(r[key], 1e-5), "s", label=r["method"])
         ax.set(xscale="log", yscale="log", xlabel="compression ratio of the compressed region (vs bf16)", ylabel=label)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{result['model']}: {result['contexts']} × {result['context_tokens']}-token contexts")
@@ -145,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(args.model, calibration, args.contexts, args.context, args.continuation, args.ratios)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result))
-    plot(result, out.with_suffix(".png"))
+    (out.parent / f"{out.name}.json").write_text(json.dumps(result, indent=2))
+    (out.parent / f"{out.name}.md").write_text(markdown(result))
+    plot(result, out.parent / f"{out.name}.png")
     print(markdown(result))
     return 0
 
