@@ -59,14 +59,12 @@ class KIVI(Baseline):
     def roundtrip(self, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
         tokens = kv.shape[2]
         usable = tokens - tokens % GROUP
-        keys = kv[0].clone()
-        if usable:  # quantize along tokens; a ragged tail of < 32 tokens stays per-token
-            per_channel = keys[:, :usable].transpose(1, 2).contiguous()  # [L, HD, T]
-            keys[:, :usable] = _group_quantize(per_channel, self.bits).transpose(1, 2)
-        if usable < tokens:
-            keys[:, usable:] = _group_quantize(keys[:, usable:].contiguous(), self.bits)
-        values = _group_quantize(kv[1], self.bits)
-        return torch.stack((keys, values)), _bytes(kv.numel(), self.bits)
+        out = kv.clone()  # as in KIVI, a ragged tail of < 32 tokens stays in full precision
+        per_channel = kv[0, :, :usable].transpose(1, 2).contiguous()  # [L, HD, T]: groups run along tokens
+        out[0, :, :usable] = _group_quantize(per_channel, self.bits).transpose(1, 2)
+        out[1, :, :usable] = _group_quantize(kv[1, :, :usable].contiguous(), self.bits)
+        quantized = kv[:, :, :usable].numel()
+        return out, _bytes(quantized, self.bits) + (kv.numel() - quantized) * kv.element_size()
 
 
 def _group_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ SINKS, WINDOW = 4, 128
 
 
 def evaluate(model: str, calibration: Path, contexts: int, context: int, continuation: int,
-             ratios: list[float] | None = None) -> dict:
+             ratios: list[float] | None = None, baselines: list | None = None) -> dict:
     lm, tokenizer = load_model(model)
     cal = Calibration.load(calibration)
     ids_list = texts.token_contexts(tokenizer, texts.python_docs(), contexts, context + continuation, seed=1)
@@ -48,14 +48,14 @@ def evaluate(model: str, calibration: Path, contexts: int, context: int, continu
         region = slice(SINKS, context - WINDOW)
         region_raw = kv[:, :, region].numel() * kv.element_size()
         exact_raw = raw_bytes - region_raw
-        for ratio in ratios or cal.ratios:
+        for ratio in cal.ratios if ratios is None else ratios:
             codec = KVTCCodec(cal, ratio=ratio)
             blob = codec.encode(kv, start=0, sinks=SINKS, window=WINDOW)
             info = describe(blob)
             metrics = compare_logits(reference, continuation_logits(lm, codec.decode(blob), cont), cont)
             record(f"KVTC {ratio:g}x", "kvtc", metrics, info["ratio"]["region"], info["ratio"]["overall"],
                    region_pre_entropy=info["ratio"]["region_pre_entropy"], plan=ratio)
-        for baseline in default_baselines():
+        for baseline in default_baselines() if baselines is None else baselines:
             restored = kv.clone()
             restored[:, :, region], stored = baseline.roundtrip(kv[:, :, region].contiguous())
             metrics = compare_logits(reference, continuation_logits(lm, restored, cont), cont)

@@ -16,7 +16,7 @@ import torch
 from lmcache_kvtc import Calibration, KVTCCodec
 from lmcache_kvtc.inspect import describe
 
-from . import models, texts
+from . import texts
 from .calibrate import default_calibration, load_model
 from .kv_capture import prefill
 from .metrics import compare_logits, continuation_logits, greedy, relative_error
@@ -145,4 +145,4 @@ def _lmcache_lines(t: dict | None) -> list[str]:
     return lines
 
 
-__all__ = ["run", "format_report", "models"]
+__all__ = ["run", "format_report"]
