@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .fitting import DEFAULT_RATIOS
+
 
 def _calibrate(args: argparse.Namespace) -> int:
     from calibration import texts
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", nargs="*", help="UTF-8 text files (default: Wikipedia from BIG-bench)")
     p.add_argument("--tokens", type=int, default=48 * 1024, help="calibration tokens in total")
     p.add_argument("--context", type=int, default=2048, help="tokens per prefilled context")
-    p.add_argument("--ratios", type=float, nargs="+", default=[4, 8, 12, 16, 24, 32, 48, 64])
+    p.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     p.add_argument("--key-weight", default="auto",
                    help="K/V bit split: auto (tuned by KL on held-out text), equal, or a weight on key error")
     p.add_argument("--out", required=True, help="calibration file to write (.safetensors)")

@@ -19,7 +19,7 @@ def describe(data: bytes | bytearray | memoryview) -> dict:
     exact_raw = token_bytes * (header.exact_head + header.exact_tail)
     exact_chunks = header.chunks[: -(-exact_raw // CHUNK_SIZE)]
     exact_stored = (exact_chunks[-1].offset + exact_chunks[-1].compressed) if exact_chunks else 0
-    header_bytes = len(data) - len(payload) - _padding(data, header, payload)
+    header_bytes = wire.header_size(len(header.model_id.encode()), len(header.chunks))
     blob_bytes = header_bytes + len(payload)
     pre_entropy = header_bytes + header.stream_size
     raw = token_bytes * header.tokens
@@ -49,10 +49,6 @@ def describe(data: bytes | bytearray | memoryview) -> dict:
             "region_pre_entropy": _safe(region_raw, pre_entropy - exact_raw),
         },
     }
-
-
-def _padding(data, header: wire.BlobHeader, payload: memoryview) -> int:
-    return len(data) - wire.header_size(len(header.model_id.encode()), len(header.chunks)) - len(payload)
 
 
 def _safe(num: int, den: int) -> float | None:
