@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["lmcache_kvtc", "lmcache_kvtc.*", "calibration", "calibration.*"]),
+    packages=find_packages(include=["lmcache_kvtc", "lmcache_kvtc.*", "calibration", "calibration.*", "benchmarks"]),
     install_requires=[
         "torch>=2.4",
         "numpy",

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,8 +22,8 @@ from tqdm import tqdm
 from lmcache_kvtc import KVTCCodec
 from lmcache_kvtc.calibration import Calibration
 from lmcache_kvtc.codec import token_features
-from lmcache_kvtc.fitting import DEFAULT_RATIOS, Planner, assemble, fit_bases
-from lmcache_kvtc.rope import rope_table_from_hf_config
+from lmcache_kvtc.fitting import DEFAULT_RATIOS, FeatureCovariance, Planner, add_batch, assemble
+from lmcache_kvtc.rope import RopeTable, rope_table_from_hf_config
 
 from . import models, texts
 from .kv_capture import kv_dims, prefill
@@ -54,8 +55,46 @@ def _features(kv: torch.Tensor, rope) -> torch.Tensor:
     return token_features(kv[:, :, keep], torch.arange(tokens)[keep], rope)
 
 
-def _context_features(model, ids: torch.Tensor, rope) -> torch.Tensor:
-    return _features(prefill(model, ids, logits_to_keep=1)[0], rope)
+@dataclass
+class Capture:
+    """What one pass over the calibration contexts yields, per RoPE table the features were taken with."""
+
+    heldout_kv: list[torch.Tensor]  # full caches of the held-out contexts
+    heldout: dict[str, torch.Tensor]  # [2, ≤MAX_HELDOUT_TOKENS, p] held-out features
+    covariances: dict[str, dict[str, FeatureCovariance]]  # streaming moments of the fit features
+
+
+def capture(lm, fit_ids: Sequence[torch.Tensor], heldout_ids: Sequence[torch.Tensor],
+            ropes: dict[str, RopeTable], desc: str) -> Capture:
+    """Prefill every context once; take features with each of ``ropes`` (ablations use several)."""
+    progress = tqdm(total=len(fit_ids) + len(heldout_ids), desc=desc, unit="ctx")
+    heldout_kv = []
+    for ids in heldout_ids:
+        heldout_kv.append(prefill(lm, ids, logits_to_keep=1)[0])
+        progress.update()
+    heldout = {}
+    for name, rope in ropes.items():
+        features = torch.cat([_features(kv, rope) for kv in heldout_kv], dim=1)
+        if features.shape[1] > MAX_HELDOUT_TOKENS:
+            pick = torch.randperm(features.shape[1], generator=torch.Generator().manual_seed(0))[:MAX_HELDOUT_TOKENS]
+            features = features[:, pick.sort().values]
+        heldout[name] = features
+    covariances: dict[str, dict[str, FeatureCovariance]] = {name: {} for name in ropes}
+    for ids in fit_ids:
+        kv = prefill(lm, ids, logits_to_keep=1)[0]
+        for name, rope in ropes.items():
+            add_batch(covariances[name], _features(kv, rope))
+        progress.update()
+    progress.close()
+    return Capture(heldout_kv, heldout, covariances)
+
+
+def split_contexts(tokenizer, documents: Sequence[str], tokens: int, context: int,
+                   heldout_contexts: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(fit, held-out)`` token contexts cut from ``documents``; the held-out ones come last."""
+    n_contexts = max(tokens // context, heldout_contexts + 1)
+    contexts = texts.token_contexts(tokenizer, documents, n_contexts, context)
+    return contexts[:-heldout_contexts], contexts[-heldout_contexts:]
 
 
 def calibrate(
@@ -79,27 +118,10 @@ def calibrate(
     lm, tokenizer = load_model(model)
     layers, kv_heads, head_dim = kv_dims(lm.config)
     rope = rope_table_from_hf_config(lm.config.get_text_config(decoder=True))
-    n_contexts = max(tokens // context, heldout_contexts + 1)
-    contexts = texts.token_contexts(tokenizer, documents, n_contexts, context)
-    heldout_ids, fit_ids = contexts[-heldout_contexts:], contexts[:-heldout_contexts]
-
-    progress = tqdm(total=n_contexts, desc=f"calibrating {model}", unit="ctx")
-    heldout_kv = []
-    for ids in heldout_ids:
-        heldout_kv.append(prefill(lm, ids, logits_to_keep=1)[0])
-        progress.update()
-    heldout = torch.cat([_features(kv, rope) for kv in heldout_kv], dim=1)
-    if heldout.shape[1] > MAX_HELDOUT_TOKENS:
-        pick = torch.randperm(heldout.shape[1], generator=torch.Generator().manual_seed(0))[:MAX_HELDOUT_TOKENS]
-        heldout = heldout[:, pick.sort().values]
-
-    def fit_batches() -> Iterator[torch.Tensor]:
-        for ids in fit_ids:
-            yield _context_features(lm, ids, rope)
-            progress.update()
-
-    streams = fit_bases(fit_batches())
-    progress.close()
+    fit_ids, heldout_ids = split_contexts(tokenizer, documents, tokens, context, heldout_contexts)
+    data = capture(lm, fit_ids, heldout_ids, {"model": rope}, desc=f"calibrating {model}")
+    heldout, heldout_kv = data.heldout["model"], data.heldout_kv
+    streams = {s: c.pca() for s, c in data.covariances["model"].items()}
     planner = Planner(streams, heldout, min(ratios))
     model_id = Path(model).name if Path(model).is_dir() else model
     shape = {"model_id": model_id, "kv_heads": kv_heads, "head_dim": head_dim, "rope": rope, "streams": streams}
@@ -109,7 +131,7 @@ def calibrate(
     info = {
         "model": model,
         "source": source,
-        "contexts": n_contexts,
+        "contexts": len(fit_ids) + len(heldout_ids),
         "context_tokens": context,
         "fit_tokens": len(fit_ids) * (context - SINKS - WINDOW),
         "heldout_tokens": int(heldout.shape[1]),

@@ -1,4 +1,4 @@
-"""The ``kvtc`` command: calibrate, roundtrip, inspect."""
+"""The ``kvtc`` command: calibrate, roundtrip, inspect, bench."""
 
 from __future__ import annotations
 
@@ -55,6 +55,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the quality benchmark keeps its own arguments
+        from benchmarks.quality import main as bench
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return bench(argv[1:])
     parser = argparse.ArgumentParser(prog="kvtc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("blob")
     p.add_argument("--calibration")
     p.set_defaults(func=_inspect)
+
+    sub.add_parser("bench", help="quality benchmark: KVTC vs baselines and ablations (kvtc bench --help)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .bit_allocation import BitAllocator, measure_errors, plan_error
+from .bit_allocation import BitAllocator, greedy_allocate, measure_errors, plan_error
 from .calibration import STREAMS, Calibration, Plan, StreamBasis
 from .rope import RopeTable
 
@@ -35,28 +35,51 @@ class FeatureCovariance:
         self.outer += (d.T @ d).double()
         self.count += x.shape[0]
 
-    def pca(self) -> StreamBasis:
-        """Mean, all principal directions (columns, by decreasing variance) and their variances."""
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and covariance, fp64."""
         if self.count < 2 or self.shift is None:
             raise ValueError("need at least two feature vectors")
         mean_shifted = self.total / self.count
         covariance = self.outer / self.count - torch.outer(mean_shifted, mean_shifted)
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-        order = torch.argsort(eigenvalues, descending=True)
+        return self.shift.double() + mean_shifted, covariance
+
+    def pca(self, groups: int = 1) -> StreamBasis:
+        """Mean, all principal directions (columns, by decreasing variance) and their variances.
+
+        ``groups > 1`` decorrelates each of that many equal consecutive feature groups (layers)
+        on its own — a block-diagonal basis — for the per-layer ablation; KVTC uses one group.
+        """
+        mean, covariance = self.moments()
+        features = covariance.shape[0]
+        if features % groups:
+            raise ValueError(f"{features} features do not split into {groups} groups")
+        size = features // groups
+        basis = torch.zeros_like(covariance)
+        variances = torch.empty(features, dtype=torch.float64)
+        for g in range(0, features, size):
+            variances[g : g + size], basis[g : g + size, g : g + size] = torch.linalg.eigh(
+                covariance[g : g + size, g : g + size]
+            )
+        order = torch.argsort(variances, descending=True)
         return StreamBasis(
-            mean=(self.shift.double() + mean_shifted).float(),
-            basis=eigenvectors[:, order].float().contiguous(),
-            eigenvalues=eigenvalues[order].clamp(min=0),
+            mean=mean.float(),
+            basis=basis[:, order].float().contiguous(),
+            eigenvalues=variances[order].clamp(min=0),
         )
 
 
+def add_batch(accumulators: dict[str, FeatureCovariance], batch: torch.Tensor) -> None:
+    """Add a ``[2, N, p]`` feature batch (de-rotated keys, values) to per-stream accumulators."""
+    for i, s in enumerate(STREAMS):
+        accumulators.setdefault(s, FeatureCovariance(batch.shape[2])).add(batch[i])
+
+
 def fit_bases(fit_batches: Iterable[torch.Tensor]) -> dict[str, StreamBasis]:
-    """PCA per stream over ``[2, N, p]`` feature batches (de-rotated keys, values)."""
+    """PCA per stream over ``[2, N, p]`` feature batches."""
     accumulators: dict[str, FeatureCovariance] = {}
     for batch in fit_batches:
-        for i, s in enumerate(STREAMS):
-            accumulators.setdefault(s, FeatureCovariance(batch.shape[2])).add(batch[i])
-    return {s: accumulators[s].pca() for s in STREAMS}
+        add_batch(accumulators, batch)
+    return {s: c.pca() for s, c in accumulators.items()}
 
 
 class Planner:
@@ -79,11 +102,12 @@ class Planner:
             self.allocators[s] = BitAllocator(measure_errors(projections), top)
             self.energy[s] = float(heldout[i].double().square().sum(dim=1).mean())
 
-    def plans(self, ratios: Iterable[float], key_weight: float | None = None) -> list[Plan]:
+    def plans(self, ratios: Iterable[float], key_weight: float | None = None, greedy: bool = False) -> list[Plan]:
+        """One plan per ratio; ``greedy`` swaps the DP for greedy refinement of 64-wide blocks (an ablation)."""
         plans = []
         for ratio in sorted(float(r) for r in ratios):
             split = self._split(int(16 * self.features // ratio), key_weight)
-            coverings = {s: self.allocators[s].covering(split[s]) for s in STREAMS}
+            coverings = {s: self._covering(s, split[s], greedy) for s in STREAMS}
             plans.append(
                 Plan(
                     ratio=ratio,
@@ -94,6 +118,11 @@ class Planner:
                 )
             )
         return plans
+
+    def _covering(self, stream: str, budget: int, greedy: bool) -> list:
+        if greedy:
+            return greedy_allocate(self.allocators[stream].table, budget)
+        return self.allocators[stream].covering(budget)
 
     def _split(self, budget: int, key_weight: float | None) -> dict[str, int]:
         if key_weight is None:

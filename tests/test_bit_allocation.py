@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from calibration import texts
-from calibration.calibrate import _context_features
+from calibration.calibrate import _features
+from calibration.kv_capture import prefill
 from lmcache_kvtc.bit_allocation import Block, allocate, greedy_allocate, measure_errors, plan_error
 from lmcache_kvtc.quantizer import squared_error
 
@@ -35,7 +36,7 @@ def test_dp_error_prediction_equals_the_quantizer_error(rng):
 
 def _real_projections(model, tokenizer, calibration, seed: int) -> torch.Tensor:
     ids = texts.token_contexts(tokenizer, texts.python_docs(), 1, 1024, seed=seed)[0]
-    values = _context_features(model, ids, calibration.rope)[1]
+    values = _features(prefill(model, ids, logits_to_keep=1)[0], calibration.rope)[1]
     full_basis = calibration.streams["values"].basis
     return (values - calibration.streams["values"].mean) @ full_basis
 

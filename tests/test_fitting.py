@@ -1,0 +1,57 @@
+"""PCA fitting and plan variants, incl. the pieces the quality benchmark's ablations are built from."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.ablations import identity_rope
+from lmcache_kvtc.codec import token_features
+from lmcache_kvtc.fitting import FeatureCovariance, Planner
+
+
+def _correlated(rng, tokens: int, groups: int, size: int) -> torch.Tensor:
+    """Features whose groups are correlated with each other (as layers of a KV cache are)."""
+    shared = torch.randn(tokens, size, generator=rng)
+    parts = [shared * (g + 1) + 0.3 * torch.randn(tokens, size, generator=rng) for g in range(groups)]
+    return torch.cat(parts, dim=1) + 5.0
+
+
+def test_per_group_pca_is_block_diagonal_orthonormal_and_loses_to_joint_pca(rng):
+    x = _correlated(rng, 4000, groups=4, size=8)
+    acc = FeatureCovariance(32)
+    acc.add(x[:2000])
+    acc.add(x[2000:])
+    joint, per_group = acc.pca(), acc.pca(groups=4)
+    for basis in (joint.basis, per_group.basis):
+        assert torch.allclose(basis.T @ basis, torch.eye(32), atol=1e-5)
+    for column in per_group.basis.T:  # every direction lives inside one group
+        assert (column.abs() > 1e-6).reshape(4, 8).any(dim=1).sum() == 1
+
+    def kept_energy(basis, rank: int) -> float:
+        c = (x - joint.mean) @ basis.basis[:, :rank]
+        return float(c.square().sum() / (x - joint.mean).square().sum())
+
+    assert kept_energy(joint, 8) > 0.95 > kept_energy(per_group, 8)  # cross-layer redundancy is what PCA removes
+
+
+def test_identity_rope_leaves_keys_as_cached(eval_kv, small_calibration):
+    kv = eval_kv[0][:, :, :64]
+    features = token_features(kv, torch.arange(64), identity_rope(small_calibration.rope))
+    assert torch.equal(features[0], kv[0].float().transpose(0, 1).reshape(64, -1))
+    derotated = token_features(kv, torch.arange(64), small_calibration.rope)
+    assert not torch.allclose(derotated[0], features[0])
+
+
+def test_greedy_plans_fit_the_same_budget_and_predict_more_error(rng):
+    x = _correlated(rng, 3000, groups=8, size=32) * torch.logspace(0, -2, 256)
+    features = torch.stack((x, x.flip(1)))  # [2, N, p]
+    streams = {}
+    for i, s in enumerate(("keys", "values")):
+        acc = FeatureCovariance(256)
+        acc.add(features[i, :2000])
+        streams[s] = acc.pca()
+    planner = Planner(streams, features[:, 2000:], min_ratio=8)
+    for dp, greedy in zip(planner.plans((8, 16)), planner.plans((8, 16), greedy=True), strict=True):
+        for s in ("keys", "values"):
+            assert greedy.bits_per_token(s) <= 16 * 256 // dp.ratio
+            assert dp.expected_error[s] <= greedy.expected_error[s] * (1 + 1e-9)
