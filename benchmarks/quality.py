@@ -75,7 +75,7 @@ def evaluate(model: str, calibration: Path, contexts: int, context: int, continu
              trials_per_depth: int = 2) -> dict:
     lm, tokenizer = load_model(model)
     cal = Calibration.load(calibration)
-    variants = ablation_calibrations(model) if ablations else {}
+    variants = ablation_calibrations(calibration) if ablations else {}
     chosen = candidates(cal, ratios, variants)
     docs = texts.python_docs()
     ids_list = texts.token_contexts(tokenizer, docs, contexts, context + continuation, seed=1)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--continuation", type=int, default=512, help="tokens read teacher-forced after it")
     parser.add_argument("--ratios", type=float, nargs="*", help="KVTC plans to run (default: the whole ladder)")
     parser.add_argument("--no-ablations", action="store_true",
-                        help=f"skip the ablations (built once per model; run at {list(ABLATION_RATIOS)}×)")
+                        help=f"skip the ablations (refit once per calibration; run at {list(ABLATION_RATIOS)}×)")
     parser.add_argument("--depths", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                         help="passkey depths (fractions of the context); none = no retrieval test")
     parser.add_argument("--trials", type=int, default=2, help="passkey prompts per depth")

@@ -133,6 +133,7 @@ def calibrate(
         "source": source,
         "contexts": len(fit_ids) + len(heldout_ids),
         "context_tokens": context,
+        "heldout_contexts": heldout_contexts,
         "fit_tokens": len(fit_ids) * (context - SINKS - WINDOW),
         "heldout_tokens": int(heldout.shape[1]),
         "sinks_excluded": SINKS,
