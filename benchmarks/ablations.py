@@ -6,8 +6,8 @@
   features), components ranked across layers for the same DP;
 - ``greedy allocation``: the same bases, bits given by greedy refinement of 64-wide blocks.
 
-All three come from one pass over the same text, contexts, held-out tokens and K/V split as
-the reference calibration, and are ordinary calibration files run through the real codec.
+All three come from one pass over the same text, contexts, held-out tokens, normalization and
+K/V split as the reference calibration, and are ordinary calibration files run through the real codec.
 """
 
 from __future__ import annotations
@@ -63,15 +63,19 @@ def _build(reference: Calibration, ratios: Sequence[float]) -> dict[str, Calibra
     ropes = {"derotated": rope, "rotated": identity_rope(rope)}
     data = capture(lm, fit_ids, heldout_ids, ropes, desc=f"ablation calibrations for {model}")
 
+    normalize = info.get("normalize", "none")
+
     def calibration(variant: str, rope_name: str, groups: int = 1, greedy: bool = False) -> Calibration:
-        streams = {s: c.pca(groups) for s, c in data.covariances[rope_name].items()}
+        covariances = data.covariances[rope_name]
+        streams = {s: c.pca(groups, c.layer_scale(layers) if normalize == "layer" else None)
+                   for s, c in covariances.items()}
         planner = Planner(streams, data.heldout[rope_name], min(ratios))
         return assemble(model_id=reference.model_id, kv_heads=reference.kv_heads, head_dim=reference.head_dim,
                         rope=ropes[rope_name], streams=streams, plans=planner.plans(ratios, key_weight, greedy=greedy),
                         info={"model": model, "ablation": variant, "source": info["source"], "key_weight": key_weight,
-                              "heldout_energy": planner.energy})
+                              "normalize": normalize, "heldout_energy": planner.energy})
 
-    log.info("fitting ablations of %s with key_weight=%s", model, key_weight)
+    log.info("fitting ablations of %s with normalize=%s key_weight=%s", model, normalize, key_weight)
     return {
         "no RoPE removal": calibration("no RoPE removal", "rotated"),
         "per-layer PCA": calibration("per-layer PCA", "derotated", groups=layers),

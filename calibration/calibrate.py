@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from lmcache_kvtc import KVTCCodec
-from lmcache_kvtc.calibration import Calibration
+from lmcache_kvtc.calibration import Calibration, StreamBasis
 from lmcache_kvtc.codec import token_features
 from lmcache_kvtc.fitting import DEFAULT_RATIOS, FeatureCovariance, Planner, add_batch, assemble
 from lmcache_kvtc.rope import RopeTable, rope_table_from_hf_config
@@ -35,6 +35,7 @@ SINKS = 4
 WINDOW = 128
 MAX_HELDOUT_TOKENS = 4096
 KEY_WEIGHT_CANDIDATES = (None, 16.0, 64.0)
+NORMALIZATIONS = ("none", "layer")
 TUNING_RATIOS = (8.0, 16.0, 32.0)
 TUNING_CONTINUATION = 256
 
@@ -107,12 +108,15 @@ def calibrate(
     out: str | Path | None = None,
     source: str = "custom text",
     key_weight: float | None | str = "auto",
+    normalize: str = "auto",
 ) -> Calibration:
     """Calibrate ``model`` on ``tokens`` tokens of ``documents`` cut into contexts of ``context`` tokens.
 
     ``key_weight``: ``None`` splits the bit budget evenly between K and V; a number weighs
-    the keys' relative error against the values'; ``"auto"`` tries a few and keeps the one
-    with the lowest next-token KL on held-out calibration contexts.
+    the keys' relative error against the values'. ``normalize``: ``"none"`` fits the PCA to
+    the raw features; ``"layer"`` first scales every layer to unit energy (see
+    :class:`~lmcache_kvtc.calibration.StreamBasis`). ``"auto"`` (either) tries the choices and
+    keeps the one with the lowest next-token KL on held-out calibration contexts.
     """
     started = time.time()
     lm, tokenizer = load_model(model)
@@ -121,13 +125,20 @@ def calibrate(
     fit_ids, heldout_ids = split_contexts(tokenizer, documents, tokens, context, heldout_contexts)
     data = capture(lm, fit_ids, heldout_ids, {"model": rope}, desc=f"calibrating {model}")
     heldout, heldout_kv = data.heldout["model"], data.heldout_kv
-    streams = {s: c.pca() for s, c in data.covariances["model"].items()}
-    planner = Planner(streams, heldout, min(ratios))
+    normalizations = NORMALIZATIONS if normalize == "auto" else (normalize,)
+    weights = KEY_WEIGHT_CANDIDATES if key_weight == "auto" else (key_weight,)
+    planners = {
+        n: Planner(fit_streams(data.covariances["model"], n, layers), heldout, min(ratios)) for n in normalizations
+    }
     model_id = Path(model).name if Path(model).is_dir() else model
-    shape = {"model_id": model_id, "kv_heads": kv_heads, "head_dim": head_dim, "rope": rope, "streams": streams}
+    shape = {"model_id": model_id, "kv_heads": kv_heads, "head_dim": head_dim, "rope": rope}
+    candidates = [(n, w) for n in normalizations for w in weights]
     tuning = None
-    if key_weight == "auto":
-        key_weight, tuning = _tune_key_weight(lm, planner, shape, heldout_kv, heldout_ids, ratios)
+    if len(candidates) > 1:
+        (normalize, key_weight), tuning = _tune(lm, planners, shape, candidates, heldout_kv, heldout_ids, ratios)
+    else:
+        (normalize, key_weight), = candidates
+    planner = planners[normalize]
     info = {
         "model": model,
         "source": source,
@@ -139,11 +150,12 @@ def calibrate(
         "sinks_excluded": SINKS,
         "window_excluded": WINDOW,
         "rope_parameters": str(getattr(lm.config, "rope_parameters", None)),
+        "normalize": normalize,
         "key_weight": key_weight,
-        "key_weight_tuning": tuning,
+        "tuning": tuning,
         "heldout_energy": planner.energy,
     }
-    calibration = assemble(**shape, plans=planner.plans(ratios, key_weight), info=info)
+    calibration = assemble(**shape, streams=planner.streams, plans=planner.plans(ratios, key_weight), info=info)
     calibration.info["seconds"] = round(time.time() - started, 1)
     if calibration.layers != layers:
         raise RuntimeError(f"RoPE table has {calibration.layers} layers, the model {layers}")
@@ -156,8 +168,15 @@ def calibrate(
     return calibration
 
 
-def _tune_key_weight(lm, planner: Planner, shape: dict, kvs, ids_list, ratios) -> tuple[float | None, dict]:
-    """Pick the K/V split with the lowest mean log-KL of the model's next-token distributions."""
+def fit_streams(covariances: dict[str, FeatureCovariance], normalize: str, layers: int) -> dict[str, StreamBasis]:
+    """PCA per stream, of raw features (``"none"``) or of features scaled per layer (``"layer"``)."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS} or 'auto', got {normalize!r}")
+    return {s: c.pca(scale=c.layer_scale(layers) if normalize == "layer" else None) for s, c in covariances.items()}
+
+
+def _tune(lm, planners: dict[str, Planner], shape: dict, candidates, kvs, ids_list, ratios):
+    """Pick the (normalization, K/V split) with the lowest mean log-KL of the model's next-token distributions."""
     ratios = [r for r in ratios if r in TUNING_RATIOS] or list(ratios)
     cases = []
     for kv, ids in zip(kvs[:2], ids_list[:2], strict=False):
@@ -165,8 +184,9 @@ def _tune_key_weight(lm, planner: Planner, shape: dict, kvs, ids_list, ratios) -
         prefix, continuation = kv[:, :, :cut].contiguous(), ids[cut:]
         cases.append((prefix, continuation, continuation_logits(lm, prefix, continuation)))
     scores: dict[str, dict[str, float]] = {}
-    for weight in tqdm(KEY_WEIGHT_CANDIDATES, desc="tuning the K/V bit split"):
-        candidate = assemble(**shape, plans=planner.plans(ratios, weight))
+    for normalize, weight in tqdm(candidates, desc="tuning normalization and K/V bit split"):
+        planner = planners[normalize]
+        candidate = assemble(**shape, streams=planner.streams, plans=planner.plans(ratios, weight))
         kls = {}
         for ratio in ratios:
             codec = KVTCCodec(candidate, ratio=ratio)
@@ -174,10 +194,14 @@ def _tune_key_weight(lm, planner: Planner, shape: dict, kvs, ids_list, ratios) -
                 compare_logits(reference, continuation_logits(lm, codec.decode(codec.encode(prefix)), cont), cont)["kl"]
                 for prefix, cont, reference in cases
             ) / len(cases)
-        scores[str(weight)] = kls
-    best = min(KEY_WEIGHT_CANDIDATES, key=lambda w: sum(math.log(k + 1e-6) for k in scores[str(w)].values()))
-    log.info("K/V split: key_weight=%s (mean KL per ratio for each candidate: %s)", best, scores)
+        scores[_label(normalize, weight)] = kls
+    best = min(candidates, key=lambda c: sum(math.log(k + 1e-6) for k in scores[_label(*c)].values()))
+    log.info("chose normalize=%s key_weight=%s (mean KL per ratio for each candidate: %s)", *best, scores)
     return best, scores
+
+
+def _label(normalize: str, key_weight: float | None) -> str:
+    return f"normalize={normalize} key_weight={key_weight}"
 
 
 def default_calibration_path(model: str) -> Path:

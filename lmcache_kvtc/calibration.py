@@ -30,11 +30,33 @@ STREAMS = ("keys", "values")
 
 @dataclass
 class StreamBasis:
-    """PCA of one stream: ``c = (x - mean) @ basis``; ``x ≈ c @ basis.T + mean``."""
+    """PCA of one stream: ``c = ((x - mean) / scale) @ basis``; ``x ≈ (c @ basis.T) · scale + mean``.
+
+    ``scale`` (optional, per feature) evens out layers of very different magnitude so that each
+    layer's *relative* error counts alike (Gemma 3's first layers carry 10× the value energy
+    of its global-attention layers); ``None`` means 1.
+    """
 
     mean: torch.Tensor  # [p] float32
     basis: torch.Tensor  # [p, rank] float32, columns by decreasing variance
-    eigenvalues: torch.Tensor  # [p] float64, the full spectrum (variance per component)
+    eigenvalues: torch.Tensor  # [p] float64, the full spectrum (variance per component, scaled space)
+    scale: torch.Tensor | None = None  # [p] float32, > 0
+
+    def to(self, device: torch.device | str) -> StreamBasis:
+        scale = None if self.scale is None else self.scale.to(device)
+        return StreamBasis(self.mean.to(device), self.basis.to(device), self.eigenvalues, scale)
+
+    def project(self, x: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+        """``[N, p]`` features -> ``[N, rank]`` coefficients (fp32)."""
+        centered = x.float() - self.mean
+        if self.scale is not None:
+            centered = centered / self.scale
+        return centered @ self.basis[:, :rank]
+
+    def reconstruct(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """``[N, r]`` coefficients -> ``[N, p]`` features (fp32)."""
+        x = coefficients @ self.basis[:, : coefficients.shape[1]].T
+        return (x if self.scale is None else x * self.scale) + self.mean
 
 
 @dataclass(frozen=True)
@@ -92,6 +114,8 @@ class Calibration:
             tensors[f"{name}.mean"] = stream.mean.float().contiguous()
             tensors[f"{name}.basis"] = stream.basis.float().contiguous()
             tensors[f"{name}.eigenvalues"] = stream.eigenvalues.double().contiguous()
+            if stream.scale is not None:
+                tensors[f"{name}.scale"] = stream.scale.float().contiguous()
         return tensors
 
     def _metadata(self) -> dict:
@@ -161,7 +185,8 @@ class Calibration:
                 interleaved=bool(meta["rope"]["interleaved"]),
             )
             streams = {
-                s: StreamBasis(tensors[f"{s}.mean"], tensors[f"{s}.basis"], tensors[f"{s}.eigenvalues"])
+                s: StreamBasis(tensors[f"{s}.mean"], tensors[f"{s}.basis"], tensors[f"{s}.eigenvalues"],
+                               tensors.get(f"{s}.scale"))
                 for s in STREAMS
             }
             plans = [
@@ -204,6 +229,10 @@ class Calibration:
                 fail(f"{name} basis/mean/eigenvalues do not have p = {p} features")
             if not (torch.isfinite(stream.mean).all() and torch.isfinite(stream.basis).all()):
                 fail(f"{name} basis has non-finite values")
+            if stream.scale is not None and (
+                stream.scale.shape != (p,) or not (torch.isfinite(stream.scale).all() and (stream.scale > 0).all())
+            ):
+                fail(f"{name} scale must be {p} positive finite values")
         if not self.plans:
             fail("no plans")
         for plan in self.plans:

@@ -22,7 +22,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         documents, source = texts.wikipedia_articles(), "wikipedia (BIG-bench paragraph_segmentation)"
     key_weight = {"auto": "auto", "equal": None}.get(args.key_weight) or float(args.key_weight)
     cal = calibrate(args.model, documents, tokens=args.tokens, context=args.context, ratios=args.ratios,
-                    out=args.out, source=source, key_weight=key_weight)
+                    out=args.out, source=source, key_weight=key_weight, normalize=args.normalize)
     print(f"wrote {args.out} (fingerprint {cal.fingerprint.hex()}); report {Path(args.out).with_suffix('.report')}")
     return 0
 
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     p.add_argument("--key-weight", default="auto",
                    help="K/V bit split: auto (tuned by KL on held-out text), equal, or a weight on key error")
+    p.add_argument("--normalize", choices=("auto", "none", "layer"), default="auto",
+                   help="scale each layer to unit energy before the PCA: auto (tuned like --key-weight), none, layer")
     p.add_argument("--out", required=True, help="calibration file to write (.safetensors)")
     p.set_defaults(func=_calibrate)
 

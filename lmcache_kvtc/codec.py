@@ -3,7 +3,7 @@
 Encode, per stream (K, V) of the tokens that are not stored exactly::
 
     keys: remove RoPE at their positions
-    x (one vector of L·H·D per token) -> c = (x - mean) @ basis -> per-block quantize -> symbols
+    x (one vector of L·H·D per token) -> c = ((x - mean) / scale) @ basis -> per-block quantize -> symbols
     symbols grouped by width (int2 and int4 packed into bytes) -> raw DEFLATE chunks
 
 Decode is the exact reverse and re-applies RoPE at the stored positions. Attention sinks
@@ -75,10 +75,7 @@ class KVTCCodec:
         self.device = torch.device(device)
         self.plan_id = calibration.plan_index(ratio)
         self.coder = coder or select_coder(self.device)
-        self._bases = {
-            s: (calibration.streams[s].mean.to(self.device), calibration.streams[s].basis.to(self.device))
-            for s in STREAMS
-        }
+        self._bases = {s: calibration.streams[s].to(self.device) for s in STREAMS}
         self._layouts: dict[tuple[int, str], _StreamLayout] = {}
 
     @property
@@ -140,9 +137,8 @@ class KVTCCodec:
 
     def _encode_stream(self, stream: str, x: torch.Tensor) -> torch.Tensor:
         layout = self._layout(self.plan_id, stream)
-        mean, basis = self._bases[stream]
         n = x.shape[0]
-        coefficients = (x - mean) @ basis[:, : layout.rank]
+        coefficients = self._bases[stream].project(x, layout.rank)
         if coefficients.numel() and coefficients.abs().amax() >= FP16_MAX:
             raise LayoutError(f"{stream} coefficients exceed fp16 range: KV does not fit this calibration")
         shift = torch.empty(layout.n_blocks, n, dtype=torch.float16, device=self.device)
@@ -221,7 +217,6 @@ class KVTCCodec:
 
     def _decode_stream(self, plan_id: int, stream: str, data: torch.Tensor, n: int) -> torch.Tensor:
         layout = self._layout(plan_id, stream)
-        mean, basis = self._bases[stream]
         side = 4 * layout.n_blocks * n
         shift, scale = data[:side].view(torch.float16).view(2, layout.n_blocks, n)
         codes = torch.zeros(layout.rank, n, dtype=torch.uint8, device=self.device)
@@ -238,7 +233,7 @@ class KVTCCodec:
             coefficients[:, components] = values
         if not torch.isfinite(coefficients).all():
             raise CorruptBlobError(f"{stream} side information decodes to non-finite values")
-        return coefficients @ basis[:, : layout.rank].T + mean
+        return self._bases[stream].reconstruct(coefficients)
 
 
 def token_features(kv: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -> torch.Tensor:

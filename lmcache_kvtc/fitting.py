@@ -43,13 +43,22 @@ class FeatureCovariance:
         covariance = self.outer / self.count - torch.outer(mean_shifted, mean_shifted)
         return self.shift.double() + mean_shifted, covariance
 
-    def pca(self, groups: int = 1) -> StreamBasis:
+    def layer_scale(self, layers: int) -> torch.Tensor:
+        """Per feature, the RMS deviation of its layer: dividing by it gives every layer unit energy."""
+        _, covariance = self.moments()
+        rms = covariance.diagonal().reshape(layers, -1).mean(dim=1).sqrt().clamp(min=1e-6)
+        return rms.repeat_interleave(covariance.shape[0] // layers).float()
+
+    def pca(self, groups: int = 1, scale: torch.Tensor | None = None) -> StreamBasis:
         """Mean, all principal directions (columns, by decreasing variance) and their variances.
 
-        ``groups > 1`` decorrelates each of that many equal consecutive feature groups (layers)
-        on its own — a block-diagonal basis — for the per-layer ablation; KVTC uses one group.
+        ``scale`` (see :class:`StreamBasis`) divides features before the PCA. ``groups > 1``
+        decorrelates each of that many equal consecutive feature groups (layers) on its own —
+        a block-diagonal basis — for the per-layer ablation; KVTC uses one group.
         """
         mean, covariance = self.moments()
+        if scale is not None:
+            covariance = covariance / torch.outer(scale.double(), scale.double())
         features = covariance.shape[0]
         if features % groups:
             raise ValueError(f"{features} features do not split into {groups} groups")
@@ -65,6 +74,7 @@ class FeatureCovariance:
             mean=mean.float(),
             basis=basis[:, order].float().contiguous(),
             eigenvalues=variances[order].clamp(min=0),
+            scale=scale,
         )
 
 
@@ -93,14 +103,15 @@ class Planner:
     """
 
     def __init__(self, streams: dict[str, StreamBasis], heldout: torch.Tensor, min_ratio: float):
+        self.streams = streams
         self.features = heldout.shape[2]
         top = 2 * int(16 * self.features // min_ratio)
         self.allocators: dict[str, BitAllocator] = {}
         self.energy: dict[str, float] = {}
         for i, s in enumerate(STREAMS):
-            projections = (heldout[i].float() - streams[s].mean) @ streams[s].basis
-            self.allocators[s] = BitAllocator(measure_errors(projections), top)
-            self.energy[s] = float(heldout[i].double().square().sum(dim=1).mean())
+            self.allocators[s] = BitAllocator(measure_errors(streams[s].project(heldout[i])), top)
+            x = heldout[i].double() if streams[s].scale is None else heldout[i].double() / streams[s].scale
+            self.energy[s] = float(x.square().sum(dim=1).mean())
 
     def plans(self, ratios: Iterable[float], key_weight: float | None = None, greedy: bool = False) -> list[Plan]:
         """One plan per ratio; ``greedy`` swaps the DP for greedy refinement of 64-wide blocks (an ablation)."""
@@ -138,7 +149,7 @@ def assemble(*, model_id: str, kv_heads: int, head_dim: int, rope: RopeTable, st
              plans: list[Plan], info: dict | None = None) -> Calibration:
     """A validated calibration whose bases are trimmed to the rank its plans use."""
     trimmed = {
-        s: StreamBasis(b.mean, b.basis[:, : max(p.rank(s) for p in plans)].contiguous(), b.eigenvalues)
+        s: StreamBasis(b.mean, b.basis[:, : max(p.rank(s) for p in plans)].contiguous(), b.eigenvalues, b.scale)
         for s, b in streams.items()
     }
     calibration = Calibration(model_id, rope.layers, kv_heads, head_dim, rope, trimmed, plans, dict(info or {}))

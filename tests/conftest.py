@@ -46,7 +46,7 @@ def small_calibration_path(qwen05, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("calibration") / "qwen05-small.safetensors"
     calibrate(SMALL_MODEL, texts.wikipedia_articles(), tokens=8 * 1024, context=1024, heldout_contexts=2,
-              ratios=(8, 16, 32), out=path, source="wikipedia (test)", key_weight=16.0)
+              ratios=(8, 16, 32), out=path, source="wikipedia (test)", key_weight=16.0, normalize="none")
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -67,4 +68,24 @@ def test_inconsistent_plans_are_refused(small_calibration_path, tmp_path):
     meta["plans"][0]["blocks"]["keys"].pop()
     save_file(tensors, str(path), metadata={"kvtc": json.dumps(meta)})
     with pytest.raises(CalibrationError, match="features"):
+        Calibration.load(path)
+
+
+def test_layer_scale_is_stored_fingerprinted_and_validated(small_calibration, tmp_path):
+    from safetensors import safe_open
+
+    scale = torch.linspace(0.5, 2.0, small_calibration.features)
+    streams = {s: dataclasses.replace(b, scale=scale) for s, b in small_calibration.streams.items()}
+    scaled = dataclasses.replace(small_calibration, streams=streams)
+    path = tmp_path / "scaled.safetensors"
+    scaled.save(path)
+    loaded = Calibration.load(path)
+    assert torch.equal(loaded.streams["values"].scale, scale)
+    assert loaded.fingerprint == scaled.fingerprint != small_calibration.fingerprint
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors["keys.scale"][3] = -1.0
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CalibrationError, match="scale"):
         Calibration.load(path)

@@ -54,8 +54,10 @@ def test_calibrate_command_writes_a_loadable_calibration_and_report(qwen05, tmp_
                  "--context", "1024", "--ratios", "8", "16", "--out", str(out)]) == 0
     calibration = Calibration.load(out)
     assert calibration.ratios == [8.0, 16.0] and calibration.info["source"] == str(text)
-    tuning = calibration.info["key_weight_tuning"]  # --key-weight auto measured every candidate split
-    assert len(tuning) == 3 and str(calibration.info["key_weight"]) in tuning
+    tuning = calibration.info["tuning"]  # auto measured every normalization × K/V split
+    assert len(tuning) == 6
+    assert f"normalize={calibration.info['normalize']} key_weight={calibration.info['key_weight']}" in tuning
+    assert (calibration.streams["values"].scale is None) == (calibration.info["normalize"] == "none")
     report = out.with_suffix(".report")
     assert (report / "report.md").is_file() and (report / "rate_distortion.png").stat().st_size > 1000
     assert torch.isfinite(calibration.streams["keys"].basis).all()

@@ -55,3 +55,20 @@ def test_greedy_plans_fit_the_same_budget_and_predict_more_error(rng):
         for s in ("keys", "values"):
             assert greedy.bits_per_token(s) <= 16 * 256 // dp.ratio
             assert dp.expected_error[s] <= greedy.expected_error[s] * (1 + 1e-9)
+
+
+def test_layer_scaling_evens_out_relative_error_across_layers_and_inverts_exactly(rng):
+    # four layers, each two latent directions + a little noise; one layer 30× louder (Gemma 3's first layers)
+    layers = [torch.randn(4000, 2, generator=rng) @ torch.randn(2, 8, generator=rng) for _ in range(4)]
+    x = torch.cat(layers, dim=1) + 0.2 * torch.randn(4000, 32, generator=rng)
+    x[:, :8] *= 30.0
+    acc = FeatureCovariance(32)
+    acc.add(x)
+    plain, scaled = acc.pca(), acc.pca(scale=acc.layer_scale(4))
+    assert torch.allclose(scaled.reconstruct(scaled.project(x)), x, rtol=1e-4, atol=1e-3)
+
+    def worst_layer_error(basis) -> float:
+        error = (basis.reconstruct(basis.project(x, 8)) - x).square().reshape(4000, 4, 8).sum(dim=(0, 2))
+        return float((error / (x - x.mean(dim=0)).square().reshape(4000, 4, 8).sum(dim=(0, 2))).max())
+
+    assert worst_layer_error(scaled) < 0.05 < 0.5 < worst_layer_error(plain)
