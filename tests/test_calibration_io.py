@@ -75,7 +75,7 @@ def test_layer_scale_is_stored_fingerprinted_and_validated(small_calibration, tm
     from safetensors import safe_open
 
     scale = torch.linspace(0.5, 2.0, small_calibration.features)
-    streams = {s: dataclasses.replace(b, scale=scale) for s, b in small_calibration.streams.items()}
+    streams = {s: dataclasses.replace(b, scale=scale.clone()) for s, b in small_calibration.streams.items()}
     scaled = dataclasses.replace(small_calibration, streams=streams)
     path = tmp_path / "scaled.safetensors"
     scaled.save(path)
