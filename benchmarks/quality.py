@@ -79,11 +79,16 @@ def evaluate(model: str, calibration: Path, contexts: int, context: int, continu
     chosen = candidates(cal, ratios, variants)
     docs = texts.python_docs()
     ids_list = texts.token_contexts(tokenizer, docs, contexts, context + continuation, seed=1)
+    trial_list = retrieval.trials(tokenizer, docs, context, depths, trials_per_depth, seed=2) if depths else []
+    for trial in trial_list:  # the needle must sit in what every method compresses
+        if not methods.SINKS <= trial.needle[0] < trial.needle[1] <= len(trial.ids) - 1 - methods.WINDOW:
+            raise ValueError(f"needle {trial.needle} at depth {trial.depth} is outside the compressed region")
     result = {
         "model": model,
         "calibration": str(calibration),
         "calibration_source": cal.info.get("source"),
         "calibration_key_weight": cal.info.get("key_weight"),
+        "calibration_normalize": cal.info.get("normalize", "none"),
         "eval_text": EVAL_TEXT,
         "contexts": contexts,
         "context_tokens": context,
@@ -93,11 +98,7 @@ def evaluate(model: str, calibration: Path, contexts: int, context: int, continu
         "water_filling": _limits(cal),
         "results": rate_distortion(lm, ids_list, continuation, chosen),
     }
-    if depths:
-        trial_list = retrieval.trials(tokenizer, docs, context, depths, trials_per_depth, seed=2)
-        for trial in trial_list:  # the needle must sit in what every method compresses
-            if not methods.SINKS <= trial.needle[0] < trial.needle[1] <= len(trial.ids) - 1 - methods.WINDOW:
-                raise ValueError(f"needle {trial.needle} at depth {trial.depth} is outside the compressed region")
+    if trial_list:
         probed = [m for m in chosen if m.kind != "ablation"]
         restorers = {m.name: (lambda kv, m=m: m.restore(kv)[0]) for m in probed}
         result["retrieval"] = {"depths": list(depths), "trials_per_depth": trials_per_depth,
@@ -134,11 +135,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _limits(cal: Calibration) -> dict[str, dict[str, list[float]]]:
-    """Reverse water-filling (ratio, relative squared error) per stream from the calibration spectrum."""
+    """Reverse water-filling (ratio, relative squared error) per stream from the calibration spectrum.
+
+    Left out for layer-scaled streams: their spectrum lives in the scaled space, the measured errors do not.
+    """
     energy = cal.info.get("heldout_energy", {})
     return {
         s: dict(zip(("ratio", "rel_err"), water_filling(cal.streams[s].eigenvalues, energy[s]), strict=True))
         for s in energy
+        if cal.streams[s].scale is None
     }
 
 

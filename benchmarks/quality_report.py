@@ -21,7 +21,8 @@ def markdown(result: dict) -> str:
         "",
         f"`{result.get('command', '')}`",
         "",
-        f"Calibration: {result['calibration_source']} (K/V split key_weight={result['calibration_key_weight']}); "
+        f"Calibration: {result['calibration_source']} (K/V split key_weight={result['calibration_key_weight']}, "
+        f"normalize={result.get('calibration_normalize', 'none')}); "
         f"evaluation: {result['eval_text']}. {result['exact_tokens']['sinks']} sink + "
         f"{result['exact_tokens']['window']} recent tokens exact for every method. Region ratio = bf16 bytes of the "
         "compressed tokens / bytes stored for them (KVTC: blob minus exact tokens, header included; pre-entropy = "
