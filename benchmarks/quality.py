@@ -72,17 +72,19 @@ def rate_distortion(lm, ids_list, continuation: int, candidates: list) -> list[d
 
 def evaluate(model: str, calibration: Path, contexts: int, context: int, continuation: int,
              ratios: list[float] | None = None, ablations: bool = True, depths: tuple[float, ...] = (),
-             trials_per_depth: int = 2) -> dict:
+             trials_per_depth: int = 2, keys: int = 1) -> dict:
     lm, tokenizer = load_model(model)
     cal = Calibration.load(calibration)
     variants = ablation_calibrations(calibration) if ablations else {}
     chosen = candidates(cal, ratios, variants)
     docs = texts.python_docs()
     ids_list = texts.token_contexts(tokenizer, docs, contexts, context + continuation, seed=1)
-    trial_list = retrieval.trials(tokenizer, docs, context, depths, trials_per_depth, seed=2) if depths else []
-    for trial in trial_list:  # the needle must sit in what every method compresses
-        if not methods.SINKS <= trial.needle[0] < trial.needle[1] <= len(trial.ids) - 1 - methods.WINDOW:
-            raise ValueError(f"needle {trial.needle} at depth {trial.depth} is outside the compressed region")
+    trial_list = retrieval.trials(tokenizer, docs, context, depths, trials_per_depth, seed=2, keys=keys)
+    for trial in trial_list:  # every needle must sit in what every method compresses
+        for start, end in trial.needles:
+            if not methods.SINKS <= start < end <= len(trial.ids) - 1 - methods.WINDOW:
+                raise ValueError(f"needle {(start, end)} of the prompt for depth {trial.depth} is outside "
+                                 "the compressed region")
     result = {
         "model": model,
         "calibration": str(calibration),
@@ -101,7 +103,7 @@ def evaluate(model: str, calibration: Path, contexts: int, context: int, continu
     if trial_list:
         probed = [m for m in chosen if m.kind != "ablation"]
         restorers = {m.name: (lambda kv, m=m: m.restore(kv)[0]) for m in probed}
-        result["retrieval"] = {"depths": list(depths), "trials_per_depth": trials_per_depth,
+        result["retrieval"] = {"depths": list(depths), "trials_per_depth": trials_per_depth, "keys": keys,
                                "accuracy": retrieval.run(lm, tokenizer, trial_list, restorers)}
     return result
 
@@ -119,11 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                         help="passkey depths (fractions of the context); none = no retrieval test")
     parser.add_argument("--trials", type=int, default=2, help="passkey prompts per depth")
+    parser.add_argument("--keys", type=int, default=1,
+                        help="keys per prompt: 1 = the classic passkey; more = keys for differently coloured "
+                             "doors at random depths, one asked for (harder)")
     parser.add_argument("--out", required=True, help="output prefix: writes .json, .md and .png")
     args = parser.parse_args(argv)
     calibration = Path(args.calibration) if args.calibration else default_calibration(args.model)
     result = evaluate(args.model, calibration, args.contexts, args.context, args.continuation, args.ratios,
-                      ablations=not args.no_ablations, depths=tuple(args.depths), trials_per_depth=args.trials)
+                      ablations=not args.no_ablations, depths=tuple(args.depths), trials_per_depth=args.trials,
+                      keys=args.keys)
     result["command"] = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

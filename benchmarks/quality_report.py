@@ -58,7 +58,8 @@ def _retrieval_table(result: dict) -> list[str]:
     lines = [
         "",
         f"### Passkey retrieval: {len(depths)} depths × {info['trials_per_depth']} prompts of "
-        f"{result['context_tokens']} tokens (needle in the compressed region, greedy answer)",
+        f"{result['context_tokens']} tokens{_keys(info.get('keys', 1))} (needles in the compressed region, "
+        "greedy answer)",
         "",
         "| method | region ratio | accuracy | " + " | ".join(f"depth {d}" for d in depths) + " |",
         "|---|---|---|" + "---|" * len(depths),
@@ -68,6 +69,10 @@ def _retrieval_table(result: dict) -> list[str]:
         lines.append(f"| {name} | {ratio} | {acc['accuracy']:.2f} | "
                      + " | ".join(f"{acc['by_depth'][d]:.2f}" for d in depths) + " |")
     return lines
+
+
+def _keys(keys: int) -> str:
+    return "" if keys == 1 else f", {keys} keys per prompt (one asked for, {keys - 1} distractors)"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -110,7 +115,8 @@ def plot(result: dict, path: Path) -> None:
                 ax_ret.plot(r["region_ratio"], accuracy[r["method"]]["accuracy"], "s", label=r["method"],
                             color=colors[r["method"]])
         ax_ret.axhline(accuracy["bf16"]["accuracy"], color="gray", ls=":", label="bf16 (uncompressed)")
-        ax_ret.set(ylabel="passkey accuracy", ylim=(-0.05, 1.05))
+        keys = result["retrieval"].get("keys", 1)
+        ax_ret.set(ylabel="passkey accuracy" + ("" if keys == 1 else f" ({keys} keys)"), ylim=(-0.05, 1.05))
         ax_ret.legend(fontsize=7)
     for ax in axes.flat:
         ax.set(xscale="log", xlabel="compression ratio of the compressed region (vs bf16)", xlim=(1.5, 100))

@@ -3,6 +3,11 @@
 The needle always lands in the compressed region (between the attention sinks and the exact
 recent window) and the question sits in the exact window, so a codec can only pass by
 keeping the needle's keys and values intact enough for attention to find it again.
+
+With ``keys > 1`` every prompt holds that many keys, each for a differently coloured door, at
+random depths; one is asked for. Small models find a lone passkey even in a badly damaged
+cache; telling near-identical needles apart takes sharper attention, so this variant
+separates the rungs where the classic one saturates.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from calibration.metrics import greedy
 INTRO = "There is an important piece of information hidden in the text below. Find it and remember it.\n\n"
 NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
 QUESTION = "\n\nWhat is the pass key? The pass key is"
+DOORS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple")
+DOOR_NEEDLE = "\n\nThe pass key of the {door} door is {key}. Remember it. {key} is the pass key of the {door} door.\n\n"
+DOOR_QUESTION = "\n\nWhat is the pass key of the {door} door? The pass key of the {door} door is"
 ANSWER_TOKENS = 8
 
 
@@ -26,13 +34,20 @@ ANSWER_TOKENS = 8
 class Trial:
     ids: torch.Tensor  # the whole prompt, question included
     key: str
-    depth: float  # where the needle starts, as a fraction of the prompt
+    depth: float  # where the needle asked for starts, as a fraction of the prompt
     needle: tuple[int, int]  # its token span
+    needles: tuple[tuple[int, int], ...]  # the spans of every needle, distractors included
 
 
 def trials(tokenizer, docs: Sequence[str], context: int, depths: Sequence[float], per_depth: int,
-           seed: int = 0) -> list[Trial]:
-    """``per_depth`` prompts of exactly ``context`` tokens per depth, each with its own key and filler."""
+           seed: int = 0, keys: int = 1) -> list[Trial]:
+    """``per_depth`` prompts of exactly ``context`` tokens per depth, each with its own keys and filler.
+
+    The key asked for starts at ``depth``; with ``keys > 1`` the distractors sit at random depths
+    between 5 % and 90 % of the filler.
+    """
+    if not 1 <= keys <= len(DOORS):
+        raise ValueError(f"keys must be between 1 and {len(DOORS)}, got {keys}")
     rng = random.Random(seed)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     bos = [tokenizer.bos_token_id] if tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id] else []
@@ -42,21 +57,39 @@ def trials(tokenizer, docs: Sequence[str], context: int, depths: Sequence[float]
         if len(filler) > 4 * context * per_depth * len(depths):
             break
     out, cursor = [], 0
+    intro = encode(INTRO)
     for depth in depths:
         for _ in range(per_depth):
-            key = str(rng.randrange(10_000, 100_000))
-            intro, needle, question = encode(INTRO), encode(NEEDLE.format(key=key)), encode(QUESTION)
-            body = context - len(bos) - len(intro) - len(needle) - len(question)
+            values = rng.sample(range(10_000, 100_000), keys) if keys > 1 else [rng.randrange(10_000, 100_000)]
+            doors = rng.sample(DOORS, keys) if keys > 1 else [None]
+            needles = [encode(_needle(door, str(key))) for door, key in zip(doors, values, strict=True)]
+            question = encode(DOOR_QUESTION.format(door=doors[0]) if keys > 1 else QUESTION)
+            body = context - len(bos) - len(intro) - sum(map(len, needles)) - len(question)
             if cursor + body > len(filler):
                 cursor = 0
             text = filler[cursor : cursor + body]
             cursor += body
-            at = int(depth * (context - len(needle))) - len(bos) - len(intro)
-            at = min(max(at, 0), body)
-            head = bos + intro + text[:at]
-            ids = head + needle + text[at:] + question
-            out.append(Trial(torch.tensor(ids, dtype=torch.long), key, depth, (len(head), len(head) + len(needle))))
+            distractors = [rng.randrange(body // 20, body * 9 // 10) for _ in needles[1:]]
+            target = int(depth * (context - len(needles[0]))) - len(bos) - len(intro)
+            for at, needle in sorted(zip(distractors, needles[1:], strict=True)):  # those before it shift it
+                if at >= target:
+                    break
+                target -= len(needle)
+            points = [min(max(target, 0), body), *distractors]
+            ids, spans, done = bos + intro, {}, 0
+            for at, i in sorted(zip(points, range(keys), strict=True)):
+                ids += text[done:at]
+                spans[i] = (len(ids), len(ids) + len(needles[i]))
+                ids += needles[i]
+                done = at
+            ids += text[done:] + question
+            out.append(Trial(torch.tensor(ids, dtype=torch.long), str(values[0]), depth, spans[0],
+                             tuple(spans[i] for i in range(keys))))
     return out
+
+
+def _needle(door: str | None, key: str) -> str:
+    return NEEDLE.format(key=key) if door is None else DOOR_NEEDLE.format(door=door, key=key)
 
 
 def answer(model, tokenizer, kv: torch.Tensor, last_token: torch.Tensor) -> str:

@@ -24,6 +24,22 @@ def test_passkey_prompts_plant_the_needle_inside_the_compressed_region(qwen05):
         assert tokenizer.decode(trial.ids[-12:]).endswith("The pass key is")
 
 
+def test_multikey_prompts_ask_for_one_door_among_distinct_compressed_needles(qwen05):
+    _, tokenizer = qwen05
+    trials = retrieval.trials(tokenizer, texts.python_docs(), 2048, (0.1, 0.9), per_depth=2, keys=4)
+    for trial in trials:
+        assert len(trial.ids) == 2048 and len(trial.needles) == 4 and trial.needle == trial.needles[0]
+        spans = sorted(trial.needles)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        assert SINKS <= spans[0][0] and spans[-1][1] <= 2048 - 1 - WINDOW
+        assert abs(trial.needle[0] / 2048 - trial.depth) < 0.05
+        door = tokenizer.decode(trial.ids[-24:]).split("What is the pass key of the ")[1].split(" door")[0]
+        assert f"the {door} door is {trial.key}" in tokenizer.decode(trial.ids[slice(*trial.needle)])
+        for span in trial.needles[1:]:
+            distractor = tokenizer.decode(trial.ids[slice(*span)])
+            assert trial.key not in distractor and f"the {door} door" not in distractor
+
+
 def test_ablations_refit_the_reference_recipe(small_calibration_path, small_calibration):
     variants = ablation_calibrations(small_calibration_path)
     assert set(variants) == {"no RoPE removal", "per-layer PCA", "greedy allocation"}
