@@ -20,11 +20,23 @@ def _calibrate(args: argparse.Namespace) -> int:
         source = ", ".join(args.text)
     else:
         documents, source = texts.wikipedia_articles(), "wikipedia (BIG-bench paragraph_segmentation)"
-    key_weight = {"auto": "auto", "equal": None}.get(args.key_weight) or float(args.key_weight)
     cal = calibrate(args.model, documents, tokens=args.tokens, context=args.context, ratios=args.ratios,
-                    out=args.out, source=source, key_weight=key_weight, normalize=args.normalize)
+                    out=args.out, source=source, key_weight=args.key_weight, normalize=args.normalize)
     print(f"wrote {args.out} (fingerprint {cal.fingerprint.hex()}); report {Path(args.out).with_suffix('.report')}")
     return 0
+
+
+def key_weight(text: str) -> str | float | None:
+    """``--key-weight``: ``auto``, ``equal`` (``None``: half the bits each) or a positive number."""
+    if text in ("auto", "equal"):
+        return None if text == "equal" else text
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = 0.0
+    if not weight > 0:
+        raise argparse.ArgumentTypeError(f"expected auto, equal or a positive number, got {text!r}")
+    return weight
 
 
 def _roundtrip(args: argparse.Namespace) -> int:
@@ -70,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=48 * 1024, help="calibration tokens in total")
     p.add_argument("--context", type=int, default=2048, help="tokens per prefilled context")
     p.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
-    p.add_argument("--key-weight", default="auto",
+    p.add_argument("--key-weight", type=key_weight, default="auto",
                    help="K/V bit split: auto (tuned by KL on held-out text), equal, or a weight on key error")
     p.add_argument("--normalize", choices=("auto", "none", "layer"), default="auto",
                    help="scale each layer to unit energy before the PCA: auto (tuned like --key-weight), none, layer")

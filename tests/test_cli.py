@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from calibration import texts
 from calibration.roundtrip import format_report, run
 from lmcache_kvtc import Calibration, KVTCCodec
-from lmcache_kvtc.cli import main
+from lmcache_kvtc.cli import key_weight, main
 
 
 def test_roundtrip_main_job_reports_honest_sizes_and_small_loss(small_calibration_path, tmp_path):
@@ -44,6 +45,13 @@ def test_inspect_explains_a_blob_and_flags_a_bad_one(small_calibration_path, eva
     blob_path.write_bytes(data)
     assert main(["inspect", str(blob_path)]) == 2
     assert "CorruptBlobError" in capsys.readouterr().err
+
+
+def test_key_weight_option_accepts_auto_equal_or_a_positive_number():
+    assert (key_weight("auto"), key_weight("equal"), key_weight("16")) == ("auto", None, 16.0)
+    for bad in ("even", "0", "-2", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive number"):
+            key_weight(bad)
 
 
 def test_calibrate_command_writes_a_loadable_calibration_and_report(qwen05, tmp_path):

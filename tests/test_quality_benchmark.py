@@ -30,7 +30,7 @@ def test_multikey_prompts_ask_for_one_door_among_distinct_compressed_needles(qwe
     for trial in trials:
         assert len(trial.ids) == 2048 and len(trial.needles) == 4 and trial.needle == trial.needles[0]
         spans = sorted(trial.needles)
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
         assert SINKS <= spans[0][0] and spans[-1][1] <= 2048 - 1 - WINDOW
         assert abs(trial.needle[0] / 2048 - trial.depth) < 0.05
         door = tokenizer.decode(trial.ids[-24:]).split("What is the pass key of the ")[1].split(" door")[0]
