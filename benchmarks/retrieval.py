@@ -35,8 +35,11 @@ class Trial:
     ids: torch.Tensor  # the whole prompt, question included
     key: str
     depth: float  # where the needle asked for starts, as a fraction of the prompt
-    needle: tuple[int, int]  # its token span
-    needles: tuple[tuple[int, int], ...]  # the spans of every needle, distractors included
+    needles: tuple[tuple[int, int], ...]  # token spans: the one asked for first, then the distractors
+
+    @property
+    def needle(self) -> tuple[int, int]:
+        return self.needles[0]
 
 
 def trials(tokenizer, docs: Sequence[str], context: int, depths: Sequence[float], per_depth: int,
@@ -60,6 +63,7 @@ def trials(tokenizer, docs: Sequence[str], context: int, depths: Sequence[float]
     intro = encode(INTRO)
     for depth in depths:
         for _ in range(per_depth):
+            # one key draws exactly as the classic test always did, so its prompts stay the same
             values = rng.sample(range(10_000, 100_000), keys) if keys > 1 else [rng.randrange(10_000, 100_000)]
             doors = rng.sample(DOORS, keys) if keys > 1 else [None]
             needles = [encode(_needle(door, str(key))) for door, key in zip(doors, values, strict=True)]
@@ -83,7 +87,7 @@ def trials(tokenizer, docs: Sequence[str], context: int, depths: Sequence[float]
                 ids += needles[i]
                 done = at
             ids += text[done:] + question
-            out.append(Trial(torch.tensor(ids, dtype=torch.long), str(values[0]), depth, spans[0],
+            out.append(Trial(torch.tensor(ids, dtype=torch.long), str(values[0]), depth,
                              tuple(spans[i] for i in range(keys))))
     return out
 
