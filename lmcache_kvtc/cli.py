@@ -19,7 +19,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         documents = [Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text]
         source = ", ".join(args.text)
     else:
-        documents, source = texts.wikipedia_articles(), "wikipedia (BIG-bench paragraph_segmentation)"
+        documents, source = texts.prepare("wikipedia_en"), "wikipedia (BIG-bench paragraph_segmentation)"
     cal = calibrate(args.model, documents, tokens=args.tokens, context=args.context, ratios=args.ratios,
                     out=args.out, source=source, key_weight=args.key_weight, normalize=args.normalize)
     print(f"wrote {args.out} (fingerprint {cal.fingerprint.hex()}); report {Path(args.out).with_suffix('.report')}")

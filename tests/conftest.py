@@ -1,29 +1,18 @@
 """Shared fixtures: real offline models and a small real calibration, built once per session.
 
 Real-model fixtures skip (with the command that prepares them) when the model is not in
-the cache, unless KVTC_REQUIRE_MODELS is set (CI sets it), in which case they fail.
+the cache, unless real parts are required (``prepared.REQUIRE``: CI), in which case they fail.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from prepared import missing, require_model, text
 
 from calibration import models
 
-REQUIRE_MODELS = bool(os.environ.get("KVTC_REQUIRE_MODELS"))
 SMALL_MODEL = "qwen2.5-coder-0.5b"
-
-
-def require_model(name: str) -> None:
-    if models.is_prepared(name):
-        return
-    message = f"{name} is not prepared; run `python -m calibration.models prepare {name}`"
-    if REQUIRE_MODELS:
-        pytest.fail(message + " (KVTC_REQUIRE_MODELS is set)")
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
@@ -41,11 +30,10 @@ def gemma():
 @pytest.fixture(scope="session")
 def small_calibration_path(qwen05, tmp_path_factory):
     """A real calibration of Qwen2.5-Coder-0.5B on Wikipedia, small enough for CI (8 × 1024 tokens)."""
-    from calibration import texts
     from calibration.calibrate import calibrate
 
     path = tmp_path_factory.mktemp("calibration") / "qwen05-small.safetensors"
-    calibrate(SMALL_MODEL, texts.wikipedia_articles(), tokens=8 * 1024, context=1024, heldout_contexts=2,
+    calibrate(SMALL_MODEL, text("wikipedia_en"), tokens=8 * 1024, context=1024, heldout_contexts=2,
               ratios=(8, 16, 32), out=path, source="wikipedia (test)", key_weight=16.0, normalize="none")
     return path
 
@@ -122,10 +110,7 @@ def redis_server(tmp_path):
     import shutil
 
     if shutil.which("redis-server") is None:
-        message = "redis-server is not installed (apt-get install -y redis-server)"
-        if REQUIRE_MODELS:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("redis-server is not installed (apt-get install -y redis-server)")
     server = RedisServer(tmp_path)
     server.start()
     yield server

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+import prepared
 import pytest
 import torch
 
-from calibration import texts
 from calibration.roundtrip import format_report, run
 from lmcache_kvtc import Calibration, KVTCCodec
 from lmcache_kvtc.cli import key_weight, main
@@ -56,7 +56,7 @@ def test_key_weight_option_accepts_auto_equal_or_a_positive_number():
 
 def test_calibrate_command_writes_a_loadable_calibration_and_report(qwen05, tmp_path):
     text = tmp_path / "corpus.txt"
-    text.write_text("\n\n".join(texts.wikipedia_articles()[:40]))
+    text.write_text("\n\n".join(prepared.text("wikipedia_en")[:40]))
     out = tmp_path / "cal.safetensors"
     assert main(["calibrate", "--model", "qwen2.5-coder-0.5b", "--text", str(text), "--tokens", "4096",
                  "--context", "1024", "--ratios", "8", "16", "--out", str(out)]) == 0

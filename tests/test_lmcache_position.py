@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prepared import text
 
 from lmcache_kvtc import KVTCCodec
 from lmcache_kvtc.lmcache.position import PositionEstimator
@@ -16,7 +17,7 @@ def long_kv(qwen05):
     from calibration.kv_capture import prefill
 
     model, tokenizer = qwen05
-    ids = texts.token_contexts(tokenizer, texts.kjv(), 1, 2048, seed=5)[0]
+    ids = texts.token_contexts(tokenizer, text("kjv"), 1, 2048, seed=5)[0]
     kv, _ = prefill(model, ids, logits_to_keep=1)
     return kv
 

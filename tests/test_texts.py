@@ -1,0 +1,139 @@
+"""Text sources: pinned caches, and fetching one pinned file from a package index without pip.
+
+The index here is a real HTTP server on 127.0.0.1 serving PEP 691 JSON and PEP 503 HTML pages, so nothing
+leaves the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import prepared
+import pytest
+
+from calibration import pypi, texts
+
+
+@pytest.mark.parametrize("name", sorted(texts.SOURCES))
+def test_cached_text_has_its_pinned_size_and_sha256(name: str) -> None:
+    docs = prepared.text(name)
+    data = texts.SOURCES[name].cache_file.read_bytes()
+    assert (len(data), hashlib.sha256(data).hexdigest()) == (texts.SOURCES[name].size, texts.SOURCES[name].sha256)
+    assert len(docs) > 1000 and all(isinstance(d, str) and d for d in docs)
+
+
+def test_a_damaged_text_cache_is_refused_with_the_command_that_fixes_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("KVTC_CACHE_DIR", str(tmp_path))
+    with pytest.raises(texts.TextNotPrepared, match="does not exist.*python -m calibration.texts prepare"):
+        texts.kjv()
+    texts.SOURCES["kjv"].cache_file.write_text('["In the beginning"]')
+    with pytest.raises(texts.TextNotPrepared, match="is not the pinned text"):
+        texts.kjv()
+
+
+# ---------------------------------------------------------------------------- a package index on loopback
+
+
+def _sdist(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+class _Index(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    html_only = False
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if "/packages/" in self.path:
+            body, kind = self.files.get(self.path.rsplit("/", 1)[1]), "application/octet-stream"
+        elif self.html_only:
+            links = "".join(f'<a href="../packages/{f}#sha256=x">{f}</a><br/>' for f in self.files)
+            body, kind = f"<html><body>{links}</body></html>".encode(), "text/html"
+        else:
+            listing = [{"filename": f, "url": f"/packages/{f}", "hashes": {}} for f in self.files]
+            body, kind = json.dumps({"files": listing}).encode(), "application/vnd.pypi.simple.v1+json"
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def index(monkeypatch) -> Iterator[type[_Index]]:
+    """A simple index on 127.0.0.1 holding ``_Index.files``; PIP_INDEX_URL points at it."""
+    handler = type("Handler", (_Index,), {"files": {}, "html_only": False})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_address[1]}/simple")
+    yield handler
+    server.shutdown()
+    server.server_close()
+
+
+def _pin(name: str, data: bytes) -> pypi.PinnedFile:
+    return pypi.PinnedFile("demo", name, hashlib.sha256(data).hexdigest(), len(data))
+
+
+@pytest.mark.parametrize("html_only", [False, True], ids=["pep691-json", "pep503-html"])
+def test_fetch_finds_the_pinned_file_on_the_project_page(index, tmp_path: Path, html_only: bool) -> None:
+    data = _sdist({"demo-1.0/data.txt": b"hello"})
+    index.files = {"demo-1.0.tar.gz": data, "demo-0.9.tar.gz": b"older"}
+    index.html_only = html_only
+    path = pypi.fetch(_pin("demo-1.0.tar.gz", data), tmp_path)
+    assert path.read_bytes() == data
+
+
+def test_fetch_refuses_other_bytes_under_the_pinned_name_and_keeps_nothing(index, tmp_path: Path) -> None:
+    index.files = {"demo-1.0.tar.gz": b"tampered"}
+    with pytest.raises(pypi.FetchError, match="is not the pinned file.*re-pinned"):
+        pypi.fetch(_pin("demo-1.0.tar.gz", b"original"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_from_an_unreachable_index_names_the_package_and_what_to_do(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # discard port: nothing listens
+    with pytest.raises(pypi.FetchError, match=r"demo-1.0.tar.gz \(demo\).*PIP_INDEX_URL"):
+        pypi.fetch(_pin("demo-1.0.tar.gz", b"x"), tmp_path)
+
+
+def test_prepare_fetches_extracts_pins_and_caches_a_source(index, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("KVTC_CACHE_DIR", str(tmp_path / "cache"))
+    lines = b'{"book": "Genesis", "chapter": 1, "text": "In the beginning"}\n' \
+            b'{"book": "Genesis", "chapter": 1, "text": "God created"}\n'
+    data = _sdist({"demo-1.0/demo/kjv.jsonl": lines})
+    index.files = {"demo-1.0.tar.gz": data}
+    cached = json.dumps(["In the beginning God created"]).encode()
+    source = texts.TextSource("demo", _pin("demo-1.0.tar.gz", data), "kjv.jsonl", texts._kjv_chapters,
+                              hashlib.sha256(cached).hexdigest(), len(cached))
+    monkeypatch.setitem(texts.SOURCES, "demo", source)
+    assert texts.prepare("demo") == ["In the beginning God created"]
+    assert source.cache_file.read_bytes() == cached
+    index.files = {}  # a verified cache is never fetched again
+    assert texts.load("demo") == texts.prepare("demo") == ["In the beginning God created"]
+
+    wrong = texts.TextSource("demo2", source.dist, "kjv.jsonl", texts._kjv_chapters, "0" * 64, len(cached))
+    monkeypatch.setitem(texts.SOURCES, "demo2", wrong)
+    index.files = {"demo-1.0.tar.gz": data}
+    with pytest.raises(RuntimeError, match="re-pin"):
+        texts.prepare("demo2")
+    assert not wrong.cache_file.exists()
