@@ -281,7 +281,7 @@ def test_standin_coder_inside_the_codec_gives_the_same_kv_as_the_cpu_coder(synth
 # -- GPU only ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gpu_coder():
-    pytest.importorskip("nvidia.nvcomp", reason="nvCOMP is not installed (pip install nvidia-nvcomp-cu13)")
+    pytest.importorskip("nvidia.nvcomp", reason="nvCOMP is not installed (pip install nvidia-nvcomp-cu12==6.0.0.12)")
     entropy_gpu.clear_detection_cache()
     coder = select_coder("cuda")
     assert isinstance(coder, DeflateNvcomp), "a GPU and nvCOMP are present, yet detection fell back to the CPU"
