@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,9 +35,12 @@ MODEL = "qwen2.5-coder-0.5b"
 CHUNK = 256
 
 
-def standalone_chunked(codec: KVTCCodec, kv: torch.Tensor) -> torch.Tensor:
-    """The codec at known positions, one 256-token chunk at a time, coded as the serde codes them."""
-    parts = [codec.decode(codec.encode(kv[:, :, s : s + CHUNK].contiguous(), start=s, sinks=4, window=0))
+def standalone_chunked(codec: KVTCCodec, kv: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The codec at known positions, one 256-token chunk at a time, coded as the serde codes them (sinks 4, no
+    window, each chunk within bf16 bytes / ``ratio``)."""
+    budget = int(kv[:, :, :CHUNK].numel() * kv.element_size() // ratio)
+    parts = [codec.decode(codec.encode(kv[:, :, s : s + CHUNK].contiguous(), start=s, sinks=4, window=0,
+                                       budget=budget))
              for s in range(0, kv.shape[2], CHUNK)]
     return torch.cat(parts, dim=2)
 
@@ -76,22 +80,25 @@ def quality_runs(model, tokenizer, calibration_path, ratios, n_contexts, prefix,
                      **score(model, kv, restored, continuation, reference)})
         for ratio in ratios:
             restored, stats = through_lmcache(kv, calibration_path, ratio)
-            codec = KVTCCodec(calibration, ratio=ratio)
+            codec = KVTCCodec(calibration, ratio=None)
             common = {"context": i, "source": source, "ratio_target": ratio,
                       "raw_bytes_per_chunk": stats["raw_bytes_per_chunk"]}
             rows.append({**common, "variant": "lmcache-kvtc (positions estimated)",
                          "stored_bytes_per_chunk": statistics.mean(stats["stored_bytes"]),
                          "blob_bytes_per_chunk": statistics.mean(stats["blob_bytes"]),
+                         "plan_ratios": stats["plan_ratios"],
                          "positions_right": stats["positions_right"], "chunks": stats["chunks"],
                          "store_s": stats["store_seconds"], "load_s": stats["load_seconds"],
                          **score(model, kv, restored, continuation, reference)})
+            print(json.dumps(rows[-1]), flush=True)
             rows.append({**common, "variant": "standalone, known positions, chunked",
-                         **score(model, kv, standalone_chunked(codec, kv), continuation, reference)})
-            whole = codec.decode(blob := codec.encode(kv, start=0, sinks=4, window=128))
-            rows.append({**common, "variant": "standalone, whole prefix (sinks 4, window 128)",
-                         "blob_bytes_per_chunk": len(blob) / (prefix // CHUNK),
-                         **score(model, kv, whole, continuation, reference)})
-            print(json.dumps(rows[-3]), flush=True)
+                         **score(model, kv, standalone_chunked(codec, kv, ratio), continuation, reference)})
+            if ratio in calibration.ratios:  # the standalone API codes a whole prefix with one plan
+                plan = KVTCCodec(calibration, ratio=ratio)
+                whole = plan.decode(blob := plan.encode(kv, start=0, sinks=4, window=128))
+                rows.append({**common, "variant": "standalone, whole prefix (sinks 4, window 128)",
+                             "blob_bytes_per_chunk": len(blob) / (prefix // CHUNK),
+                             **score(model, kv, whole, continuation, reference)})
     return rows
 
 
@@ -154,7 +161,8 @@ def markdown(summary: list[dict], hits: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calibration", type=Path, help="calibration file (default: the embedded default)")
+    parser.add_argument("--model", default=MODEL, help=f"offline model name (default {MODEL})")
+    parser.add_argument("--calibration", type=Path, help="calibration file (default: the model's embedded default)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[8, 16, 32])
     parser.add_argument("--contexts", type=int, default=2, help="contexts per text source")
     parser.add_argument("--prefix", type=int, default=2048)
@@ -164,17 +172,21 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    calibration_path = args.calibration or default_calibration(MODEL)
-    model, tokenizer = models.load(MODEL)
+    calibration_path = args.calibration or default_calibration(args.model)
+    model, tokenizer = models.load(args.model)
     rows = quality_runs(model, tokenizer, calibration_path, args.ratios, args.contexts, args.prefix,
                         args.continuation)
     hits = hit_rates(model, tokenizer, calibration_path, args.long, args.max_positions) if args.long else []
     summary = summarize(rows)
-    report = {"model": MODEL, "calibration": str(calibration_path), "summary": summary, "hit_rates": hits,
+    report = {"model": args.model, "calibration": str(calibration_path), "summary": summary, "hit_rates": hits,
               "rows": rows}
+    table = markdown(summary, hits)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
-    print(markdown(summary, hits))
+        args.out.with_suffix(".md").write_text(f"# {args.model} through LMCache 0.5.6\n\n`python -m "
+                                               f"benchmarks.lmcache_report {' '.join(argv or sys.argv[1:])}`\n\n"
+                                               f"{table}\n")
+    print(table)
 
 
 if __name__ == "__main__":

@@ -130,13 +130,15 @@ def _lmcache_lines(t: dict | None) -> list[str]:
         return []
     raw = t["raw_bytes_per_chunk"]
     stored = max(t["stored_bytes"])
-    blob = max(t["blob_bytes"])
+    blob = sum(t["blob_bytes"]) / len(t["blob_bytes"])
+    plans = sorted(t["plan_ratios"])
     lines = [
         "  through LMCache 0.5.6 (MP StorageManager -> kvtc serde -> fs tier, positions unknown to the serde):",
         f"    {t['chunks']} chunks of 256 tokens, {t['loaded_chunks']} back from L2; chunk positions estimated right: "
         f"{t['positions_right']}/{t['chunks']}",
-        f"    per chunk: raw {raw:,} B, stored {stored:,} B padded to LMCache 0.5.6's fixed size "
-        f"({raw / stored:.1f}x), blob {blob:,} B ({raw / blob:.1f}x)",
+        f"    per chunk: raw {raw:,} B, stored {stored:,} B, LMCache 0.5.6's fixed size = the budget "
+        f"({raw / stored:.1f}x); blobs fill {blob / stored:.1%} of it on average",
+        f"    rate control chose plans {plans[0]:g}x to {plans[-1]:g}x (median {plans[len(plans) // 2]:g}x)",
     ]
     if t["quality"]:
         q = t["quality"]

@@ -62,25 +62,39 @@ class _StreamLayout:
         return side + sum(packed_size(len(self.rows[w]), tokens, w) for w in CODE_WIDTHS)
 
 
-class KVTCCodec:
-    """Encode/decode LMCache KV tensors with one calibration at one target ratio.
+@dataclass
+class _Chunk:
+    """One tensor ready to be coded with any plan (see :meth:`KVTCCodec._prepare`)."""
 
-    ``decode`` accepts blobs of any plan of the same calibration; ``ratio`` only picks the
-    plan ``encode`` uses.
+    shape: torch.Size
+    dtype: torch.dtype
+    start: int
+    head: int
+    tail: int
+    exact: torch.Tensor  # uint8 bytes of the exact tokens
+    coefficients: dict[str, torch.Tensor]  # stream -> [tokens, full rank] fp32; empty if no token is coded
+
+
+class KVTCCodec:
+    """Encode/decode LMCache KV tensors with one calibration.
+
+    ``decode`` accepts blobs of any plan of the same calibration; ``ratio`` only picks the plan
+    ``encode`` uses without a byte budget (``None``: every encode must give one).
     """
 
-    def __init__(self, calibration: Calibration, device: str | torch.device = "cpu", ratio: float = 16,
+    def __init__(self, calibration: Calibration, device: str | torch.device = "cpu", ratio: float | None = 16,
                  coder: DeflateCPU | DeflateNvcomp | None = None):
         self.calibration = calibration
         self.device = torch.device(device)
-        self.plan_id = calibration.plan_index(ratio)
+        self.plan_id = None if ratio is None else calibration.plan_index(ratio)
         self.coder = coder or select_coder(self.device)
         self._bases = {s: calibration.streams[s].to(self.device) for s in STREAMS}
         self._layouts: dict[tuple[int, str], _StreamLayout] = {}
+        self._finest_first = sorted(range(len(calibration.plans)), key=lambda p: calibration.plans[p].ratio)
 
     @property
-    def ratio(self) -> float:
-        return self.calibration.plans[self.plan_id].ratio
+    def ratio(self) -> float | None:
+        return None if self.plan_id is None else self.calibration.plans[self.plan_id].ratio
 
     def _layout(self, plan_id: int, stream: str) -> _StreamLayout:
         key = (plan_id, stream)
@@ -90,29 +104,85 @@ class KVTCCodec:
         return self._layouts[key]
 
     # -- encode ---------------------------------------------------------------------------
-    def encode(self, kv: torch.Tensor, start: int = 0, sinks: int = 4, window: int = 128, flags: int = 0) -> bytes:
-        """Compress ``kv [2, L, T, H·D]`` (bf16/fp16) whose first token sits at position ``start``."""
+    def encode(self, kv: torch.Tensor, start: int = 0, sinks: int = 4, window: int = 128, flags: int = 0,
+               budget: int | None = None) -> bytes:
+        """Compress ``kv [2, L, T, H·D]`` (bf16/fp16) whose first token sits at position ``start``.
+
+        Without ``budget`` the codec's plan is used. With ``budget`` (bytes) the blob is rate-controlled: the
+        finest plan of the ladder whose entropy-coded blob fits in ``budget`` is chosen by trial encodes (its id
+        is in the header); :class:`LayoutError` if not even the coarsest plan fits.
+        """
         self._check_input(kv, start, sinks, window)
+        chunk = self._prepare(kv, start, sinks, window)
+        if budget is None:
+            if self.plan_id is None:
+                raise LayoutError("this codec has no plan of its own (ratio=None): encode needs a budget")
+            return self._blob(chunk, self.plan_id, flags)
+        return self._blob_within(chunk, budget, flags)
+
+    def _prepare(self, kv: torch.Tensor, start: int, sinks: int, window: int) -> _Chunk:
+        """What every plan codes the same way: the exact tokens' bytes and each stream's PCA coefficients."""
         tokens = kv.shape[2]
         head = min(max(sinks - start, 0), tokens)
         tail = min(window, tokens - head)
-        middle = slice(head, tokens - tail)
         exact = torch.cat((kv[:, :, :head], kv[:, :, tokens - tail :]), dim=2)
-        host = isinstance(self.coder, DeflateCPU)  # nvCOMP takes device tensors: symbols never leave the GPU
-        sections = [exact.contiguous().view(torch.uint8).view(-1)]
-        n = tokens - head - tail
-        if n:
+        coefficients = {}
+        if tokens - head - tail:
             positions = torch.arange(start + head, start + tokens - tail, device=self.device)
-            features = self._features(kv[:, :, middle].to(self.device), positions)
-            sections.append(torch.cat([self._encode_stream(s, features[i]) for i, s in enumerate(STREAMS)]))
+            features = self._features(kv[:, :, head : tokens - tail].to(self.device), positions)
+            for i, stream in enumerate(STREAMS):
+                c = self._bases[stream].project(features[i])
+                if c.numel() and c.abs().amax() >= FP16_MAX:
+                    raise LayoutError(f"{stream} coefficients exceed fp16 range: KV does not fit this calibration")
+                coefficients[stream] = c
+        return _Chunk(kv.shape, kv.dtype, start, head, tail, exact.contiguous().view(torch.uint8).view(-1),
+                      coefficients)
+
+    def _blob(self, chunk: _Chunk, plan_id: int, flags: int) -> bytes:
+        host = isinstance(self.coder, DeflateCPU)  # nvCOMP takes device tensors: symbols never leave the GPU
+        sections = [chunk.exact]
+        if chunk.coefficients:
+            sections.append(torch.cat([self._encode_stream(plan_id, s, chunk.coefficients[s]) for s in STREAMS]))
         payload, index = self.coder.compress([_to_bytes(t) for t in sections] if host else sections)
+        _, layers, tokens, hidden = chunk.shape
         header = wire.BlobHeader(
             fingerprint=self.calibration.fingerprint, model_id=self.calibration.model_id, kv_size=2,
-            dtype=kv.dtype, plan=self.plan_id, coder=CODER_RAW_DEFLATE, layers=kv.shape[1], tokens=tokens,
-            hidden=kv.shape[3], exact_head=head, exact_tail=tail, start=start,
+            dtype=chunk.dtype, plan=plan_id, coder=CODER_RAW_DEFLATE, layers=layers, tokens=tokens,
+            hidden=hidden, exact_head=chunk.head, exact_tail=chunk.tail, start=chunk.start,
             payload_size=len(payload), payload_crc=zlib.crc32(payload), flags=flags, chunks=index,
         )
         return header.to_bytes() + payload
+
+    def _blob_within(self, chunk: _Chunk, budget: int, flags: int) -> bytes:
+        """The blob of the finest plan that fits in ``budget`` bytes.
+
+        The first trial is the finest plan whose blob fits before entropy coding (DEFLATE rarely grows it);
+        from there the search steps to finer plans while they fit, or to coarser ones until one does.
+        Typically two or three trial encodes.
+        """
+        order = self._finest_first
+        n = chunk.shape[2] - chunk.head - chunk.tail
+        raw = [self._raw_size(chunk, p, n) for p in order]
+        i = next((k for k, size in enumerate(raw) if size <= budget), len(order) - 1)
+        blob = self._blob(chunk, order[i], flags)
+        if len(blob) <= budget:
+            while i > 0:
+                finer = self._blob(chunk, order[i - 1], flags)
+                if len(finer) > budget:
+                    break
+                blob, i = finer, i - 1
+            return blob
+        for plan_id in order[i + 1 :]:
+            blob = self._blob(chunk, plan_id, flags)
+            if len(blob) <= budget:
+                return blob
+        raise LayoutError(f"no plan of the calibration fits a {tuple(chunk.shape)} chunk in {budget} bytes")
+
+    def _raw_size(self, chunk: _Chunk, plan_id: int, n: int) -> int:
+        """Blob size of ``plan_id`` if DEFLATE neither shrank nor grew the sections."""
+        stream = sum(self._layout(plan_id, s).section_size(n) for s in STREAMS) if n else 0
+        chunks = -(-chunk.exact.numel() // CHUNK_SIZE) + -(-stream // CHUNK_SIZE)
+        return wire.header_size(len(self.calibration.model_id.encode()), chunks) + chunk.exact.numel() + stream
 
     def _check_input(self, kv: torch.Tensor, start: int, sinks: int, window: int) -> None:
         cal = self.calibration
@@ -135,12 +205,10 @@ class KVTCCodec:
             raise LayoutError("KV contains NaN or infinity")
         return features
 
-    def _encode_stream(self, stream: str, x: torch.Tensor) -> torch.Tensor:
-        layout = self._layout(self.plan_id, stream)
-        n = x.shape[0]
-        coefficients = self._bases[stream].project(x, layout.rank)
-        if coefficients.numel() and coefficients.abs().amax() >= FP16_MAX:
-            raise LayoutError(f"{stream} coefficients exceed fp16 range: KV does not fit this calibration")
+    def _encode_stream(self, plan_id: int, stream: str, coefficients: torch.Tensor) -> torch.Tensor:
+        layout = self._layout(plan_id, stream)
+        n = coefficients.shape[0]
+        coefficients = coefficients[:, : layout.rank]
         shift = torch.empty(layout.n_blocks, n, dtype=torch.float16, device=self.device)
         scale = torch.empty_like(shift)
         codes = torch.zeros(layout.rank, n, dtype=torch.uint8, device=self.device)
@@ -152,15 +220,18 @@ class KVTCCodec:
         parts += [pack(codes[layout.rows[w]], w).reshape(-1) for w in CODE_WIDTHS]
         return torch.cat(parts)
 
-    def max_blob_size(self, tokens: int, exact_head: int = 0, exact_tail: int = 0, dtype=torch.bfloat16) -> int:
-        """Upper bound of ``len(encode(...))`` for this plan and layout (DEFLATE worst case included).
-
-        Depends only on the layout and the plan, as LMCache 0.5.6's fixed-size adapters need.
+    def max_blob_size(self, tokens: int, exact_head: int = 0, exact_tail: int = 0, dtype=torch.bfloat16,
+                      plan_id: int | None = None) -> int:
+        """Upper bound of ``len(encode(...))`` for a plan (default: this codec's) and layout, DEFLATE worst
+        case included. Depends only on the layout and the plan, as LMCache 0.5.6's fixed-size adapters need.
         """
         cal = self.calibration
+        plan_id = self.plan_id if plan_id is None else plan_id
+        if plan_id is None:
+            raise LayoutError("max_blob_size needs a plan_id: this codec has no plan of its own")
         n = tokens - exact_head - exact_tail
         exact = 2 * cal.layers * (exact_head + exact_tail) * cal.hidden * dtype.itemsize
-        stream = sum(self._layout(self.plan_id, s).section_size(n) for s in STREAMS) if n > 0 else 0
+        stream = sum(self._layout(plan_id, s).section_size(n) for s in STREAMS) if n > 0 else 0
         chunks = -(-exact // CHUNK_SIZE) + -(-stream // CHUNK_SIZE)
         deflate_bound = exact + stream + chunks * (CHUNK_SIZE >> 12) + chunks * (64 + 16)
         return wire.header_size(len(cal.model_id.encode()), chunks) + deflate_bound

@@ -10,7 +10,11 @@ from .bit_allocation import BitAllocator, greedy_allocate, measure_errors, plan_
 from .calibration import STREAMS, Calibration, Plan, StreamBasis
 from .rope import RopeTable
 
-DEFAULT_RATIOS = (4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
+#: the rungs reports and benchmarks show by default
+NAMED_RATIOS = (4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
+#: the rungs a calibration carries by default: the named ones and eight per octave from 4x to 64x, so that rate
+#: control (the serde's byte budget, met with the finest plan that fits) leaves at most ~9 % of a budget unused
+DEFAULT_RATIOS = tuple(sorted(set(NAMED_RATIOS) | {round(4 * 2 ** (k / 8), 2) for k in range(33)}))
 
 
 class FeatureCovariance:

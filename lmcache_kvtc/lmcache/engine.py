@@ -2,8 +2,9 @@
 
 Per kernel group: pick the calibration (:mod:`.calibrations`), map the layout to ``[2, L, T, H·D]``
 (:mod:`.layouts`), estimate the chunk's base position (:mod:`.position`) and code it with
-``start=estimate, sinks, window=0`` and ``FLAG_START_ESTIMATED``. Several groups go into a small
-length-prefixed container. Decoding validates every group completely before anything is returned.
+``start=estimate, sinks, window=0`` and ``FLAG_START_ESTIMATED``, rate-controlled to its byte budget (see
+:meth:`KVTCEngine.budgets`). Several groups go into a small length-prefixed container. Decoding validates
+every group completely before anything is returned.
 Shared by the MP serde (:mod:`.serde`) and the classic storage plugin (:mod:`.classic`).
 """
 
@@ -47,6 +48,7 @@ class EncodeEvent:
     candidates: int
     blob_bytes: int
     raw_bytes: int
+    plan_ratio: float  # the rung rate control chose
 
 
 _observers: list[Callable[[EncodeEvent], None]] = []
@@ -69,19 +71,17 @@ class KVTCEngine:
     def __init__(self, options: SerdeOptions):
         self.options = options
         self.calibrations = CalibrationSet.from_path(options.calibration)
-        for calibration in self.calibrations.all():
-            calibration.plan_index(options.ratio)  # fail at startup, not per chunk, on a missing plan
         self._codecs: dict[bytes, KVTCCodec] = {}
         self._estimators: dict[bytes, PositionEstimator] = {}
         self._lock = threading.Lock()
         self._refused: set[tuple] = set()
-        self._estimates: dict[tuple, int] = {}
+        self._budgets: dict[tuple, list[int]] = {}
 
     def codec(self, calibration: Calibration) -> KVTCCodec:
         with self._lock:
             fp = calibration.fingerprint
             if fp not in self._codecs:
-                self._codecs[fp] = KVTCCodec(calibration, device=self.options.device, ratio=self.options.ratio)
+                self._codecs[fp] = KVTCCodec(calibration, device=self.options.device, ratio=None)
             return self._codecs[fp]
 
     def estimator(self, calibration: Calibration) -> PositionEstimator:
@@ -112,8 +112,9 @@ class KVTCEngine:
                 raise errors[0]
         return layouts
 
-    def group_bound(self, layout: GroupLayout) -> int:
-        """Largest blob any fitting calibration can produce for this group (sinks included)."""
+    def group_floor(self, layout: GroupLayout) -> int:
+        """The smallest budget in which every fitting calibration can always code this group (sinks included):
+        the worst case of its coarsest plan."""
         fitting = self.calibrations.fitting(layout.layers, layout.hidden)
         if not fitting:
             raise UnsupportedLayoutError(
@@ -122,19 +123,30 @@ class KVTCEngine:
             )
         head = min(self.options.sinks, layout.tokens)
         return max(
-            self.codec(c).max_blob_size(layout.tokens, exact_head=h, dtype=layout.dtype)
+            min(self.codec(c).max_blob_size(layout.tokens, exact_head=h, dtype=layout.dtype, plan_id=p)
+                for p in range(len(c.plans)))
             for c in fitting
             for h in {0, head}
         )
 
-    def estimate(self, shapes, dtypes) -> int:
-        """The fixed blob size of an object layout: a function of the layout and the options only."""
+    def budgets(self, shapes, dtypes) -> list[int]:
+        """Bytes each kernel group may take: together ``floor(raw bytes / ratio)`` including the container
+        header, split in proportion to the groups' raw sizes. A group whose share is below what its coarsest plan
+        may need gets that instead (tiny objects or extreme ratios only). A function of layout and options only.
+        """
         signature = describe_layout(shapes, dtypes)
-        if signature not in self._estimates:
-            bounds = [self.group_bound(layout) for layout in self.group_layouts(shapes, dtypes)]
-            extra = 0 if len(bounds) == 1 else _GROUP_HEADER.size + _GROUP_LENGTH.size * len(bounds)
-            self._estimates[signature] = extra + sum(bounds)
-        return self._estimates[signature]
+        if signature not in self._budgets:
+            layouts = self.group_layouts(shapes, dtypes)
+            raw = [2 * g.layers * g.tokens * g.hidden * g.dtype.itemsize for g in layouts]
+            total = int(sum(raw) // self.options.ratio) - _container_size(len(layouts))
+            self._budgets[signature] = [max(total * r // sum(raw), self.group_floor(g))
+                                        for r, g in zip(raw, layouts, strict=True)]
+        return self._budgets[signature]
+
+    def estimate(self, shapes, dtypes) -> int:
+        """The fixed blob size of an object layout: its budgets plus the container header, if any."""
+        budgets = self.budgets(shapes, dtypes)
+        return _container_size(len(budgets)) + sum(budgets)
 
     def encode(self, tensors: list[torch.Tensor], key: ObjectKey | None) -> bytes:
         """One object's kernel groups as one blob (or a group container); raises ``CodecError`` if unsupported."""
@@ -146,9 +158,10 @@ class KVTCEngine:
 
     def _encode(self, tensors: list[torch.Tensor], key: ObjectKey | None) -> bytes:
         options = self.options
-        layouts = self.group_layouts([t.shape for t in tensors], [t.dtype for t in tensors])
+        shapes, dtypes = [t.shape for t in tensors], [t.dtype for t in tensors]
+        layouts, budgets = self.group_layouts(shapes, dtypes), self.budgets(shapes, dtypes)
         blobs = []
-        for i, (tensor, layout) in enumerate(zip(tensors, layouts, strict=True)):
+        for i, (tensor, layout, budget) in enumerate(zip(tensors, layouts, budgets, strict=True)):
             calibration = self.calibrations.select(
                 key.model_name if key else "", key.kv_rank if key else 0, key.object_group_id if key else 0,
                 i, layout.layers, layout.hidden,
@@ -156,10 +169,12 @@ class KVTCEngine:
             kv = to_split(tensor, layout, calibration.head_dim)
             guess = self.estimator(calibration).estimate(kv[0], options.chunk_size or layout.tokens)
             flags = wire.FLAG_START_ESTIMATED | (wire.FLAG_PADDED if options.fixed_size and len(layouts) == 1 else 0)
-            blob = self.codec(calibration).encode(kv, start=guess.start, sinks=options.sinks, window=0, flags=flags)
+            blob = self.codec(calibration).encode(kv, start=guess.start, sinks=options.sinks, window=0, flags=flags,
+                                                  budget=budget)
             blobs.append(blob)
             raw = tensor.numel() * tensor.element_size()
-            event = EncodeEvent(key, i, guess.start, guess.candidates, len(blob), raw)
+            plan_ratio = calibration.plans[wire.parse(blob)[0].plan].ratio
+            event = EncodeEvent(key, i, guess.start, guess.candidates, len(blob), raw, plan_ratio)
             for callback in list(_observers):
                 callback(event)
         if len(blobs) == 1:
@@ -190,6 +205,10 @@ class KVTCEngine:
             self._refused.add(tag)
             log.error("kvtc: cannot code LMCache object %s: %s -- the store fails (cache miss); "
                       "nothing is written", tag, exc)
+
+
+def _container_size(groups: int) -> int:
+    return 0 if groups == 1 else _GROUP_HEADER.size + _GROUP_LENGTH.size * groups
 
 
 def _split_groups(data: memoryview, groups: int) -> list[memoryview]:

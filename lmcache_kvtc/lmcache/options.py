@@ -1,9 +1,11 @@
 """The ``kvtc`` serde's settings: the adapter JSON's ``"serde"`` dict, validated.
 
     calibration   file or directory of calibrations (required; see .calibrations)
-    ratio         target compression ratio, one of the calibration's plans (default 16)
+    ratio         every stored object takes at most 1/ratio of its bf16 bytes (default 16); each chunk is
+                  coded with the finest plan of the calibration's ladder that fits (rate control)
     device        torch device for coding (default "cpu")
-    fixed_size    pad blobs to the estimate (default true; false only for adapters that keep sizes)
+    fixed_size    pad blobs to exactly that budget (default true, as 0.5.6's fs/resp need; false for
+                  adapters that keep sizes: blobs then take their true size, still within the budget)
     max_workers   serde thread pool size (default 1)
     sinks         tokens kept exact at sequence position 0 (default 4)
     max_position  positions searched for a chunk's base (default 131072)
@@ -45,6 +47,7 @@ class SerdeOptions:
                 raise ValueError(f"kvtc serde: {name} must be {kind.__name__}, got {value!r}")
             values[name] = value
         options = cls(**values)
-        if options.max_workers < 1 or options.sinks < 0 or options.max_position < 1 or options.chunk_size < 0:
+        if (not options.ratio >= 1 or options.max_workers < 1 or options.sinks < 0 or options.max_position < 1
+                or options.chunk_size < 0):
             raise ValueError(f"kvtc serde: out-of-range option in {kwargs}")
         return options

@@ -168,12 +168,14 @@ def _stats(keys, chunks, events: list[EncodeEvent], listener: StoreListener, sto
     index = {k.chunk_hash: i for i, k in enumerate(keys)}
     starts = {index[e.key.chunk_hash]: e.start for e in events if e.key is not None and e.key.chunk_hash in index}
     blob = {index[e.key.chunk_hash]: e.blob_bytes for e in events if e.key is not None and e.key.chunk_hash in index}
+    plans = {index[e.key.chunk_hash]: e.plan_ratio for e in events if e.key is not None and e.key.chunk_hash in index}
     true_starts = [i * CHUNK_TOKENS for i in range(len(chunks))]
     return {
         "chunks": len(chunks),
         "raw_bytes_per_chunk": chunks[0].numel() * chunks[0].element_size(),
         "stored_bytes": [listener.stored.get(k.chunk_hash) for k in keys],
         "blob_bytes": [blob.get(i) for i in range(len(chunks))],
+        "plan_ratios": [plans.get(i) for i in range(len(chunks))],
         "estimated_starts": [starts.get(i) for i in range(len(chunks))],
         "true_starts": true_starts,
         "positions_right": sum(starts.get(i) == s for i, s in enumerate(true_starts)),
