@@ -26,6 +26,7 @@ from calibration.kv_capture import prefill
 from calibration.metrics import compare_logits, continuation_logits
 from calibration.report import water_filling
 from lmcache_kvtc import Calibration
+from lmcache_kvtc.fitting import NAMED_RATIOS
 
 from . import methods, retrieval
 from .ablations import ABLATION_RATIOS, ablation_calibrations
@@ -38,8 +39,10 @@ SUMMARY_KEYS = ("delta_nll", "kl", "top1", "rel_err_keys", "rel_err_values", "re
 
 
 def candidates(calibration: Calibration, ratios: list[float] | None, ablations: dict[str, Calibration]) -> list:
-    """The calibration's ladder, every baseline, and each ablation at its ratios."""
-    out = [methods.kvtc(calibration, r) for r in (calibration.ratios if ratios is None else ratios)]
+    """The calibration's named rungs (or ``ratios``), every baseline, and each ablation at its ratios."""
+    if ratios is None:
+        ratios = [r for r in calibration.ratios if r in NAMED_RATIOS] or calibration.ratios
+    out = [methods.kvtc(calibration, r) for r in ratios]
     out += [methods.baseline(b) for b in default_baselines()]
     for variant, cal in ablations.items():
         out += [methods.kvtc(cal, r, kind="ablation", label=f"KVTC {variant}") for r in cal.ratios]
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, default=8)
     parser.add_argument("--context", type=int, default=2048, help="tokens prefilled per context")
     parser.add_argument("--continuation", type=int, default=512, help="tokens read teacher-forced after it")
-    parser.add_argument("--ratios", type=float, nargs="*", help="KVTC plans to run (default: the whole ladder)")
+    parser.add_argument("--ratios", type=float, nargs="*",
+                        help="KVTC plans to run (default: the ladder's named rungs, 4x to 64x)")
     parser.add_argument("--no-ablations", action="store_true",
                         help=f"skip the ablations (refit once per calibration; run at {list(ABLATION_RATIOS)}×)")
     parser.add_argument("--depths", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.7, 0.9],

@@ -121,7 +121,11 @@ class KVTCCodec:
         return self._blob_within(chunk, budget, flags)
 
     def _prepare(self, kv: torch.Tensor, start: int, sinks: int, window: int) -> _Chunk:
-        """What every plan codes the same way: the exact tokens' bytes and each stream's PCA coefficients."""
+        """What every plan codes the same way: the exact tokens' bytes and each stream's PCA coefficients.
+
+        Coefficients are projected at the basis' full rank whatever the plan, so a chunk codes to the same bytes
+        at a given plan with or without rate control (a plan's rank is a slice of the same matmul).
+        """
         tokens = kv.shape[2]
         head = min(max(sinks - start, 0), tokens)
         tail = min(window, tokens - head)

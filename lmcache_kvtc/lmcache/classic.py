@@ -190,7 +190,7 @@ def check_config_file(path: str) -> SerdeOptions:
         if extra.get(f"storage_plugin.{name}.module_path") != __name__:
             raise ValueError(f"{path}: storage_plugin.{name}.module_path must be {__name__}")
     options, _ = options_from_extra_config(extra)
-    KVTCEngine(options)  # loads the calibration(s) and checks the plan
+    KVTCEngine(options)  # loads and checks the calibration(s)
     return options
 
 
