@@ -7,6 +7,7 @@ where it fails: CI must never pass by skipping the real parts.  Nothing here dow
 from __future__ import annotations
 
 import os
+from typing import NoReturn
 
 import pytest
 
@@ -15,7 +16,7 @@ from calibration import models, texts
 REQUIRE = os.environ.get("CI", "").lower() == "true" or os.environ.get("KVTC_REQUIRE_MODELS", "") not in ("", "0")
 
 
-def missing(message: str) -> None:
+def missing(message: str) -> NoReturn:
     """Skip with ``message``, or fail with it where real parts are required."""
     if REQUIRE:
         pytest.fail(f"{message} (CI=true or KVTC_REQUIRE_MODELS is set: real parts are required)")
@@ -33,4 +34,3 @@ def text(name: str) -> list[str]:
         return texts.load(name)
     except texts.TextNotPrepared as e:
         missing(str(e))
-        raise
