@@ -27,3 +27,7 @@ class LayoutError(CodecError):
 
 class CalibrationError(CodecError):
     """A calibration file is missing, malformed or inconsistent."""
+
+
+class UnsupportedLayoutError(LayoutError):
+    """An LMCache object the serde cannot code: MLA, fp8/uint8 KV, an unknown or unverifiable layout."""

@@ -34,3 +34,14 @@ def text(name: str) -> list[str]:
         return texts.load(name)
     except texts.TextNotPrepared as e:
         missing(str(e))
+
+
+def vllm_python():
+    """The vLLM-CPU environment's interpreter (``.ci/setup`` builds ``.venv-vllm``; ``KVTC_VLLM_VENV`` moves it)."""
+    from pathlib import Path
+
+    venv = Path(os.environ.get("KVTC_VLLM_VENV") or Path(__file__).resolve().parents[1] / ".venv-vllm")
+    python = venv / "bin" / "python"
+    if not (python.exists() and (venv / "bin" / "kvtc-lmcache-server").exists()):
+        missing(f"the vLLM-CPU environment {venv} is not prepared; run `bash .ci/setup`")
+    return python

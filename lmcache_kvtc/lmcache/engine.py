@@ -104,7 +104,7 @@ class KVTCEngine:
             errors = []
             for head_dim in sorted(self.head_dims()) or [None]:
                 try:
-                    layouts.append(classify(shape, dtype, head_dim))
+                    layouts.append(classify(shape, dtype, head_dim, self.options.paged_block_size))
                     break
                 except UnsupportedLayoutError as exc:
                     errors.append(exc)

@@ -10,11 +10,17 @@
     sinks         tokens kept exact at sequence position 0 (default 4)
     max_position  positions searched for a chunk's base (default 131072)
     chunk_size    base positions are multiples of this (default: the object's token count)
+    layout        "auto" (default: the 4-D layouts of GPU vLLM and the classic path) or "vllm-cpu": 3-D
+                  objects are vLLM-CPU's paged blocks, mapped through vLLM's own kernels, which must be
+                  importable in the server's environment (see .vllm_cpu)
+    block_size    vLLM's block size, with layout "vllm-cpu" (default 128, vLLM-CPU's own default)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+
+LAYOUTS = ("auto", "vllm-cpu")
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,8 @@ class SerdeOptions:
     sinks: int = 4
     max_position: int = 131072
     chunk_size: int = 0
+    layout: str = "auto"
+    block_size: int = 128
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, object]) -> SerdeOptions:
@@ -48,6 +56,13 @@ class SerdeOptions:
             values[name] = value
         options = cls(**values)
         if (not options.ratio >= 1 or options.max_workers < 1 or options.sinks < 0 or options.max_position < 1
-                or options.chunk_size < 0):
+                or options.chunk_size < 0 or options.block_size < 1):
             raise ValueError(f"kvtc serde: out-of-range option in {kwargs}")
+        if options.layout not in LAYOUTS:
+            raise ValueError(f"kvtc serde: layout must be one of {LAYOUTS}, got {options.layout!r}")
         return options
+
+    @property
+    def paged_block_size(self) -> int:
+        """vLLM's block size when 3-D objects are vLLM-CPU's paged blocks, else 0."""
+        return self.block_size if self.layout == "vllm-cpu" else 0
