@@ -67,8 +67,10 @@ def pids_of(*fragments: str) -> list[int]:
 class MPServer:
     """``kvtc-lmcache-server`` (LMCache's MP server with the kvtc serde registered) on free loopback ports."""
 
-    def __init__(self, python: Path, workdir: Path, l2_adapter: dict, name: str = "server", port: int = 0):
-        self.python, self.workdir, self.l2_adapter, self.name = python, workdir, l2_adapter, name
+    def __init__(self, python: Path, workdir: Path, l2_adapters: dict | list[dict], name: str = "server",
+                 port: int = 0):
+        self.python, self.workdir, self.name = python, workdir, name
+        self.l2_adapters = l2_adapters if isinstance(l2_adapters, list) else [l2_adapters]
         self.port, self.http_port = port or free_port(), free_port()
         self.log = workdir / f"{name}.log"
         self.starts = 0
@@ -77,7 +79,7 @@ class MPServer:
     def args(self) -> list[str]:
         return ["--l1-size-gb", "1", "--eviction-policy", "LRU", "--supported-transfer-mode", "auto",
                 "--l2-store-policy", "skip_l1", "--disable-metrics", "--http-port", str(self.http_port),
-                "--l2-adapter", json.dumps(self.l2_adapter)]
+                *[arg for adapter in self.l2_adapters for arg in ("--l2-adapter", json.dumps(adapter))]]
 
     def start(self, timeout: float = 180) -> None:
         """Start (again): each process logs to its own file, so counters are this process's own."""

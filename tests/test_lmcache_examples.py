@@ -58,7 +58,7 @@ def check_kvtc_adapters(config) -> list:
     return adapters
 
 
-@pytest.mark.parametrize("name", ["lmcache_server_fs.sh", "lmcache_server_resp.sh"])
+@pytest.mark.parametrize("name", ["lmcache_server_fs.sh", "lmcache_server_resp.sh", "lmcache_server_vllm_cpu.sh"])
 def test_server_command_lines_parse(name):
     config = server_config(script_argv(EXAMPLES / name))
     (adapter,) = check_kvtc_adapters(config)
@@ -98,7 +98,8 @@ def test_classic_yaml_and_vllm_connector_v1():
 
 
 def test_every_example_is_covered():
-    covered = {"lmcache_server_fs.sh", "lmcache_server_resp.sh", "vllm_mp_connector.json", "vllm_mp_autostart.json",
+    covered = {"lmcache_server_fs.sh", "lmcache_server_resp.sh", "lmcache_server_vllm_cpu.sh",
+               "vllm_mp_connector.json", "vllm_mp_autostart.json",
                "lmcache_classic.yaml", "vllm_connector_v1.json", "README.md"}
     mine = {p.name for p in EXAMPLES.iterdir() if p.suffix in {".sh", ".json", ".yaml"}}
     assert mine <= covered, mine - covered
