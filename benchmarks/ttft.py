@@ -8,7 +8,8 @@ second is an L2 hit; the server's own log must show every chunk coming from L2, 
 the prefetch (L2 read + deserialize) and for the transfer into vLLM explains where the hit's time goes.
 
     python -m benchmarks.ttft [--prefixes 2048,8192] [--repeats 3] [--ratios 16,32] [--tiers fs,resp]
-                              [--calibration FILE] [--out benchmarks/results/ttft-qwen2.5-coder-0.5b]
+                              [--only fs:kvtc16x,resp:none] [--calibration FILE]
+                              [--out benchmarks/results/ttft-qwen2.5-coder-0.5b]
 """
 
 from __future__ import annotations
@@ -96,8 +97,12 @@ def run(args) -> dict:
     rows = []
     engine = server = None
     try:
+        known = serdes(calibration, [float(r) for r in args.ratios.split(",")])
+        only = set(args.only.split(",")) if args.only else None
         for tier in args.tiers.split(","):
-            for name, serde in serdes(calibration, [float(r) for r in args.ratios.split(",")]).items():
+            for name, serde in known.items():
+                if only is not None and f"{tier}:{name.replace(' ', '')}" not in only:
+                    continue
                 clear(tier, workdir, redis_port)
                 server = MPServer(python, workdir, adapter(tier, workdir, redis_port, serde),
                                   name=f"{tier}-{name.replace(' ', '')}", port=port)
@@ -190,6 +195,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ratios", default="16,32")
     parser.add_argument("--tiers", default="fs,resp")
+    parser.add_argument("--only", help="run only these tier:serde pairs, e.g. fs:kvtc16x,fs:fp8,resp:none")
     parser.add_argument("--calibration")
     parser.add_argument("--vllm-venv", default=str(REPO / ".venv-vllm"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / f"ttft-{MODEL}"))

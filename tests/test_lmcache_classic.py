@@ -35,7 +35,7 @@ extra_config:
   kvtc.calibration: {calibration}
   kvtc.ratio: 16
   kvtc.max_size_gb: {limit}
-"""
+{store}"""
 
 
 class CPUConnector(GPUConnectorInterface):
@@ -73,13 +73,29 @@ def engine_for(yaml_path, calibration, name):
     return engine
 
 
+def store_yaml(store: str, tmp_path, redis_server) -> str:
+    if store == "disk":
+        return f"  kvtc.store: disk\n  kvtc.path: {tmp_path / 'kvtc-store'}\n"
+    if store == "redis":
+        return f"  kvtc.store: redis\n  kvtc.redis_url: redis://{redis_server.host}:{redis_server.port}/0\n"
+    return ""
+
+
+@pytest.fixture
+def maybe_redis(request):
+    """A real redis-server only for the cases that use one."""
+    return request.getfixturevalue("redis_server") if request.node.callspec.params.get("store") == "redis" else None
+
+
+@pytest.mark.parametrize("store", ["ram", "disk", "redis"])
 def test_engine_store_and_retrieve_through_the_kvtc_tier(eval_kv, small_calibration, small_calibration_path,
-                                                         tmp_path, monkeypatch):
+                                                         tmp_path, monkeypatch, store, maybe_redis):
     monkeypatch.setenv("PYTHONHASHSEED", "0")
     kv, ids = eval_kv
     prefix, tokens = kv[:, :, :512].contiguous(), ids[:512]
     path = tmp_path / "lmcache.yaml"
-    path.write_text(YAML.format(calibration=small_calibration_path, limit=1.0))
+    path.write_text(YAML.format(calibration=small_calibration_path, limit=1.0,
+                                store=store_yaml(store, tmp_path, maybe_redis)))
     engine = engine_for(path, small_calibration, "kvtc-classic-test")
     try:
         backends = engine.storage_manager.storage_backends
@@ -87,11 +103,25 @@ def test_engine_store_and_retrieve_through_the_kvtc_tier(eval_kv, small_calibrat
         assert isinstance(plugin, KVTCStoragePlugin)
         engine.store(tokens, kvcaches=prefix)
         assert 0 < plugin.stored_bytes() < prefix.numel() * 2 / 8
+    finally:
+        LMCacheEngineBuilder.destroy("kvtc-classic-test")
+    if store == "disk":
+        assert len(list((tmp_path / "kvtc-store").glob("*.kvtc"))) == 2
+    if store == "redis":
+        import redis
+
+        assert len(list(redis.Redis(host=maybe_redis.host, port=maybe_redis.port).scan_iter("kvtc:*"))) == 2
+    if store != "ram":  # a new engine (a restarted vLLM) finds the chunks on disk / in Redis
+        engine = engine_for(path, small_calibration, "kvtc-classic-test-2")
+    else:
+        engine = engine_for(path, small_calibration, "kvtc-classic-test-2")
+        engine.store(tokens, kvcaches=prefix)
         engine.clear(locations=["LocalCPUBackend"])
+    try:
         out = torch.zeros_like(prefix)
         retrieved = engine.retrieve(tokens, kvcaches=out)
     finally:
-        LMCacheEngineBuilder.destroy("kvtc-classic-test")
+        LMCacheEngineBuilder.destroy("kvtc-classic-test-2")
     assert int(retrieved.sum()) == 512
     for start in (0, 256):
         chunk = prefix[:, :, start : start + 256]
@@ -100,7 +130,7 @@ def test_engine_store_and_retrieve_through_the_kvtc_tier(eval_kv, small_calibrat
 
 def test_a_broken_plugin_config_is_loud(small_calibration, tmp_path, caplog):
     path = tmp_path / "broken.yaml"
-    path.write_text(YAML.format(calibration=tmp_path / "missing.safetensors", limit=1.0))
+    path.write_text(YAML.format(calibration=tmp_path / "missing.safetensors", limit=1.0, store=""))
     result = subprocess.run([sys.executable, "-m", "lmcache_kvtc.lmcache.classic", str(path)],
                             capture_output=True, text=True, timeout=120, env={**os.environ})
     assert result.returncode != 0 and "kvtc classic config check failed" in result.stderr

@@ -81,12 +81,14 @@ def _fake_kernel(kind: str):
             kv[:, 1] = kv[:, 0]
         if kind == "lossy":  # the digit patterns survive, real values are rounded
             kv = kv.float().round().to(key.dtype)
-        return kv.transpose(0, 1).reshape(TOKENS, -1)
+        if kind == "one block":  # a gather that returns only the first block
+            kv = kv[:, :128]
+        return kv.transpose(0, 1).reshape(kv.shape[1], -1)
 
     return write
 
 
-@pytest.mark.parametrize("kind", ["duplicates", "lossy"])
+@pytest.mark.parametrize("kind", ["duplicates", "lossy", "one block"])
 def test_a_mapping_that_cannot_be_verified_is_refused(kind):
     with pytest.raises(UnsupportedLayoutError):
         vllm_cpu.derive(128, TOKENS, HEADS, HEAD_DIM, torch.bfloat16, write=_fake_kernel(kind))

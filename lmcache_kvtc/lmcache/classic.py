@@ -1,8 +1,9 @@
 """KVTC for LMCache's classic in-process engine (``LMCACHE_CONFIG_FILE`` YAML, vLLM ``LMCacheConnectorV1``).
 
 The classic ``remote_serde`` knob is a closed list, so KVTC comes in as a storage plugin: it
-compresses each chunk when LMCache puts it and keeps the blobs in a compressed CPU-RAM tier with
-a byte limit (least recently used out first); a get decodes into a LocalCPU allocation::
+compresses each chunk when LMCache puts it and keeps the blobs in CPU RAM, a local directory or
+Redis (:mod:`.blob_stores`) within a byte limit (least recently used out first); a get decodes into
+a LocalCPU allocation::
 
     storage_plugins: ["kvtc"]
     extra_config:
@@ -10,7 +11,15 @@ a byte limit (least recently used out first); a get decodes into a LocalCPU allo
       storage_plugin.kvtc.class_name: KVTCStoragePlugin
       kvtc.calibration: /opt/kvtc/model.safetensors   # file or directory (required)
       kvtc.ratio: 16
-      kvtc.max_size_gb: 4.0                           # compressed bytes kept in RAM
+      kvtc.store: disk                                # ram (default), disk or redis
+      kvtc.path: /var/lib/lmcache/kvtc                # disk: the directory
+      kvtc.redis_url: redis://127.0.0.1:6379/0        # redis: where
+      kvtc.max_size_gb: 4.0                           # compressed bytes kept in the store
+
+On disk and in Redis each record is a small little-endian header — magic ``KVTR``, u16 version 1,
+u8 dtype code, u8 LMCache ``MemoryFormat``, u8 ndim, ndim × u32 shape — then the kvtc blob. Every
+field is checked on read (a record may have been written by anyone); a bad record is dropped and is
+a miss.
 
 LMCache's plugin launcher catches and only logs constructor exceptions, so a broken config would
 silently drop the tier: the constructor logs a loud error first, and
@@ -19,10 +28,8 @@ silently drop the tier: the constructor logs a loud error first, and
 
 from __future__ import annotations
 
+import struct
 import sys
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 from lmcache.logging import init_logger
@@ -30,26 +37,70 @@ from lmcache.v1.distributed.api import ObjectKey
 from lmcache.v1.memory_management import MemoryFormat
 from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
 
-from ..errors import CodecError
+from ..blob import DTYPE_CODES
+from ..errors import CodecError, CorruptBlobError
+from .blob_stores import BlobStore, DiskStore, MemoryStore, RedisStore
 from .engine import KVTCEngine
 from .options import SerdeOptions
 
 log = init_logger(__name__)
 
 PREFIX = "kvtc."
-_KEYS = {"calibration": str, "ratio": float, "device": str, "max_size_gb": float, "sinks": int, "max_position": int}
+_KEYS = {"calibration": str, "ratio": float, "device": str, "max_size_gb": float, "sinks": int, "max_position": int,
+         "store": str, "path": str, "redis_url": str}
+_STORE_KEYS = ("store", "path", "redis_url")
+_RECORD = struct.Struct("<4sHBBB")
+_RECORD_MAGIC = b"KVTR"
+_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+_MAX_DIMS = 8
 
 
-@dataclass(frozen=True)
-class _Entry:
-    blob: bytes
-    shape: torch.Size
-    dtype: torch.dtype
-    fmt: MemoryFormat
+def pack_record(blob: bytes, shape: torch.Size, dtype: torch.dtype, fmt: MemoryFormat) -> bytes:
+    header = _RECORD.pack(_RECORD_MAGIC, 1, DTYPE_CODES[dtype], fmt.value, len(shape))
+    return header + struct.pack(f"<{len(shape)}I", *shape) + blob
 
 
-def options_from_extra_config(extra: dict | None) -> tuple[SerdeOptions, int]:
-    """``(serde options, RAM byte limit)`` from the ``kvtc.*`` keys of ``extra_config``; raises ``ValueError``."""
+def unpack_record(record: bytes) -> tuple[memoryview, torch.Size, torch.dtype, MemoryFormat]:
+    """``(blob, shape, dtype, memory format)``; ``CorruptBlobError`` for anything that is not a valid record."""
+    if len(record) < _RECORD.size:
+        raise CorruptBlobError(f"record of {len(record)} bytes is shorter than its header")
+    magic, version, dtype_code, fmt_code, ndim = _RECORD.unpack_from(record)
+    if magic != _RECORD_MAGIC or version != 1:
+        raise CorruptBlobError(f"not a kvtc record (magic {magic!r}, version {version})")
+    if dtype_code not in _DTYPES or not 1 <= ndim <= _MAX_DIMS:
+        raise CorruptBlobError(f"record declares dtype code {dtype_code}, {ndim} dims")
+    try:
+        fmt = MemoryFormat(fmt_code)
+    except ValueError:
+        raise CorruptBlobError(f"record declares unknown memory format {fmt_code}") from None
+    end = _RECORD.size + 4 * ndim
+    if len(record) < end:
+        raise CorruptBlobError("record ends inside its shape")
+    shape = torch.Size(struct.unpack_from(f"<{ndim}I", record, _RECORD.size))
+    if min(shape) < 1:
+        raise CorruptBlobError(f"record declares shape {tuple(shape)}")
+    return memoryview(record)[end:], shape, _DTYPES[dtype_code], fmt
+
+
+def store_from_options(values: dict, max_bytes: int) -> BlobStore:
+    """The store ``kvtc.store`` names, from its ``kvtc.path`` / ``kvtc.redis_url``; raises ``ValueError``."""
+    kind = values.get("store", "ram")
+    if kind == "ram":
+        return MemoryStore(max_bytes)
+    if kind == "disk":
+        if not values.get("path"):
+            raise ValueError("kvtc.store: disk needs kvtc.path (a directory)")
+        return DiskStore(values["path"], max_bytes)
+    if kind == "redis":
+        if not values.get("redis_url"):
+            raise ValueError("kvtc.store: redis needs kvtc.redis_url (e.g. redis://127.0.0.1:6379/0)")
+        return RedisStore(values["redis_url"], max_bytes)
+    raise ValueError(f"kvtc.store must be ram, disk or redis, got {kind!r}")
+
+
+def options_from_extra_config(extra: dict | None) -> tuple[SerdeOptions, int, dict]:
+    """``(serde options, byte limit, store settings)`` from the ``kvtc.*`` keys of ``extra_config``; raises
+    ``ValueError``."""
     extra = extra or {}
     values = {k[len(PREFIX) :]: v for k, v in extra.items() if isinstance(k, str) and k.startswith(PREFIX)}
     unknown = set(values) - set(_KEYS)
@@ -67,29 +118,29 @@ def options_from_extra_config(extra: dict | None) -> tuple[SerdeOptions, int]:
     limit = int(typed.pop("max_size_gb", 1.0) * 2**30)
     if limit <= 0:
         raise ValueError("kvtc.max_size_gb must be positive")
-    return SerdeOptions(fixed_size=False, **typed), limit
+    store = {k: typed.pop(k) for k in _STORE_KEYS if k in typed}
+    return SerdeOptions(fixed_size=False, **typed), limit, store
 
 
 class KVTCStoragePlugin(StoragePluginInterface):
-    """A compressed CPU-RAM tier: KVTC blobs in, decoded KV out (LRU within ``kvtc.max_size_gb``)."""
+    """A compressed tier (RAM, disk or Redis): KVTC blobs in, decoded KV out (LRU within ``kvtc.max_size_gb``)."""
 
     def __init__(self, dst_device: str = "cpu", config=None, metadata=None, local_cpu_backend=None, loop=None):
         super().__init__(dst_device=dst_device, config=config, metadata=metadata,
                          local_cpu_backend=local_cpu_backend, loop=loop)
         try:
-            options, self.max_bytes = options_from_extra_config(getattr(config, "extra_config", None))
+            options, max_bytes, store = options_from_extra_config(getattr(config, "extra_config", None))
             self.engine = KVTCEngine(options)
             if local_cpu_backend is None:
                 raise ValueError("LMCache passed no local_cpu_backend to allocate decoded chunks from")
-        except (ValueError, CodecError) as exc:
+            self.store = store_from_options(store, max_bytes)
+        except (ValueError, OSError, CodecError) as exc:
             log.error("=" * 80)
             log.error("kvtc storage plugin NOT created, so LMCache runs WITHOUT the KVTC tier: %s", exc)
             log.error("=" * 80)
             raise
-        self._blobs: OrderedDict[object, _Entry] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        log.info("kvtc storage plugin: ratio %s, up to %.2f GB of blobs in RAM", options.ratio, self.max_bytes / 2**30)
+        log.info("kvtc storage plugin: ratio %s, up to %.2f GB of blobs in the %s", options.ratio, max_bytes / 2**30,
+                 self.store)
 
     def __str__(self) -> str:
         return "KVTCStoragePlugin"
@@ -99,9 +150,13 @@ class KVTCStoragePlugin(StoragePluginInterface):
         rank = (int(getattr(key, "world_size", 1)) << 24) | (int(getattr(key, "worker_id", 0)) << 16)
         return ObjectKey(chunk_hash=str(key.chunk_hash).encode(), model_name=key.model_name, kv_rank=rank)
 
+    @staticmethod
+    def _name(key) -> str:
+        """The record's name: LMCache's own key string (model, ranks, chunk hash, dtype, tags)."""
+        return key.to_string()
+
     def contains(self, key, pin: bool = False) -> bool:
-        with self._lock:
-            return key in self._blobs
+        return self.store.contains(self._name(key))
 
     def exists_in_put_tasks(self, key) -> bool:
         return False  # puts are synchronous
@@ -112,39 +167,27 @@ class KVTCStoragePlugin(StoragePluginInterface):
                 blob = self.engine.encode([obj.tensor], self._object_key(key))
             except CodecError:
                 continue  # logged by the engine; this chunk is simply not in this tier
-            self._insert(key, _Entry(blob, obj.get_shape(), obj.get_dtype(), obj.get_memory_format()))
-            if on_complete_callback is not None:
+            record = pack_record(blob, obj.get_shape(), obj.get_dtype(), obj.get_memory_format())
+            if self.store.put(self._name(key), record) and on_complete_callback is not None:
                 try:
                     on_complete_callback(key)
                 except Exception:
                     log.exception("kvtc: put completion callback failed")
         return None
 
-    def _insert(self, key, entry: _Entry) -> None:
-        with self._lock:
-            old = self._blobs.pop(key, None)
-            self._bytes -= len(old.blob) if old else 0
-            while self._blobs and self._bytes + len(entry.blob) > self.max_bytes:
-                _, evicted = self._blobs.popitem(last=False)
-                self._bytes -= len(evicted.blob)
-            if len(entry.blob) <= self.max_bytes:
-                self._blobs[key] = entry
-                self._bytes += len(entry.blob)
-
     def get_blocking(self, key):
-        with self._lock:
-            entry = self._blobs.get(key)
-            if entry is not None:
-                self._blobs.move_to_end(key)
-        if entry is None:
+        name = self._name(key)
+        record = self.store.get(name)
+        if record is None:
             return None
         try:
-            (tensor,) = self.engine.decode(memoryview(entry.blob), [entry.shape], [entry.dtype])
+            blob, shape, dtype, fmt = unpack_record(record)
+            (tensor,) = self.engine.decode(blob, [shape], [dtype])
         except CodecError as exc:
-            log.error("kvtc: blob for %s failed validation (%s): dropped, reporting a miss", key, exc)
-            self.remove(key)
+            log.error("kvtc: record for %s failed validation (%s): dropped, reporting a miss", key, exc)
+            self.store.remove(name)
             return None
-        obj = self.local_cpu_backend.allocate(entry.shape, entry.dtype, fmt=entry.fmt)
+        obj = self.local_cpu_backend.allocate(shape, dtype, fmt=fmt)
         if obj is None:
             return None
         obj.tensor.copy_(tensor)
@@ -157,23 +200,16 @@ class KVTCStoragePlugin(StoragePluginInterface):
         return self.contains(key)
 
     def remove(self, key, force: bool = True) -> bool:
-        with self._lock:
-            entry = self._blobs.pop(key, None)
-            if entry is not None:
-                self._bytes -= len(entry.blob)
-            return entry is not None
+        return self.store.remove(self._name(key))
 
     def get_allocator_backend(self):
         return self.local_cpu_backend
 
     def stored_bytes(self) -> int:
-        with self._lock:
-            return self._bytes
+        return self.store.used_bytes()
 
     def close(self) -> None:
-        with self._lock:
-            self._blobs.clear()
-            self._bytes = 0
+        self.store.close()
 
 
 def check_config_file(path: str) -> SerdeOptions:
@@ -189,8 +225,9 @@ def check_config_file(path: str) -> SerdeOptions:
     for name in names:
         if extra.get(f"storage_plugin.{name}.module_path") != __name__:
             raise ValueError(f"{path}: storage_plugin.{name}.module_path must be {__name__}")
-    options, _ = options_from_extra_config(extra)
+    options, max_bytes, store = options_from_extra_config(extra)
     KVTCEngine(options)  # loads and checks the calibration(s)
+    store_from_options(store, max_bytes).close()  # the store settings are complete, the directory exists
     return options
 
 

@@ -24,6 +24,7 @@ from .. import blob as wire
 from ..calibration import Calibration
 from ..codec import KVTCCodec
 from ..errors import CodecError, CorruptBlobError
+from . import vllm_cpu
 from .calibrations import CalibrationSet
 from .layouts import GroupLayout, UnsupportedLayoutError, classify, from_split, to_split
 from .options import SerdeOptions
@@ -76,6 +77,17 @@ class KVTCEngine:
         self._lock = threading.Lock()
         self._refused: set[tuple] = set()
         self._budgets: dict[tuple, list[int]] = {}
+        if options.paged_block_size:  # importing vLLM takes ~10 s: do it before the first chunk arrives
+            threading.Thread(target=self._derive_paged_mappings, name="kvtc-vllm-cpu-layout", daemon=True).start()
+
+    def _derive_paged_mappings(self) -> None:
+        """Derive vLLM-CPU's mapping for LMCache's default 256-token chunks of every calibration (bf16)."""
+        for calibration in self.calibrations.all():
+            try:
+                vllm_cpu.mapping(self.options.paged_block_size, self.options.chunk_size or 256, calibration.kv_heads,
+                                 calibration.head_dim, torch.bfloat16)
+            except UnsupportedLayoutError as exc:  # remembered: every such chunk will be refused with it
+                log.error("kvtc: vLLM-CPU objects will be refused: %s", exc)
 
     def codec(self, calibration: Calibration) -> KVTCCodec:
         with self._lock:

@@ -85,9 +85,13 @@ def derive(block_size: int, tokens: int, heads: int, head_dim: int, dtype: torch
         for place in range(_places(size)):
             digit = (grid // _BASE**place) % _BASE + 1
             seen = _run(write, digit, -digit, dtype).reshape(-1)
+            if seen.numel() != 2 * tokens * heads * head_dim:
+                raise UnsupportedLayoutError(f"vLLM-CPU ISA {isa!r}: the object holds {seen.numel()} elements, "
+                                             f"not 2 × {tokens} × {heads} × {head_dim}")
             if stream is None:
                 stream = (seen < 0).long()
-            if (seen == 0).any() or (seen.abs() > _BASE).any() or not torch.equal((seen < 0).long(), stream):
+            if ((seen == 0).any() or (seen.abs() > _BASE).any() or not torch.equal(seen, seen.round())
+                    or not torch.equal((seen < 0).long(), stream)):
                 raise UnsupportedLayoutError(f"vLLM-CPU ISA {isa!r}: the cache kernel does not copy K/V elements")
             coordinate[name] += (seen.abs().long() - 1) * _BASE**place
     canonical = ((stream * tokens + coordinate["token"]) * heads + coordinate["head"]) * head_dim + coordinate["dim"]
