@@ -1,11 +1,12 @@
 """Time to first token in a real vLLM-CPU: recompute vs an L2 hit through kvtc, LMCache's fp8, or no serde.
 
-One vLLM engine (``.venv-vllm``, Qwen2.5-Coder-0.5B, eager, prefix caching off) talks to an LMCache MP
-server on a fixed port; the server is restarted for every (tier, serde). Per prefix length and repeat, a
-fresh prompt (random passkey + held-out Python docs) is sent twice with ``max_tokens=1``: the first is a
-miss (recompute, which also stores), then, once every chunk is in L2 and L1 is empty (``skip_l1``), the
-second is an L2 hit; the server's own log must show every chunk coming from L2, and the time it logs for
-the prefetch (L2 read + deserialize) and for the transfer into vLLM explains where the hit's time goes.
+For every (tier, serde) a new LMCache MP server and a new vLLM engine (``.venv-vllm``, Qwen2.5-Coder-0.5B,
+eager, prefix caching off; LMCache 0.5.6's connector does not re-register with a restarted server). Per
+prefix length and repeat, a fresh prompt (random passkey + held-out Python docs) is sent twice with
+``max_tokens=1``: the first is a miss (recompute, which also stores); once every chunk is in L2 and L1
+is empty (``skip_l1``), the second is an L2 hit. The server's own log must show every chunk coming from
+L2, and the times it logs for the prefetch (L2 read + deserialize) and for the copy into vLLM say where
+the hit's time goes.
 
     python -m benchmarks.ttft [--prefixes 2048,8192] [--repeats 3] [--ratios 16,32] [--tiers fs,resp]
                               [--only fs:kvtc16x,resp:none] [--calibration FILE]
@@ -92,7 +93,7 @@ def run(args) -> dict:
     redis_port = free_port()
     redis_server = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
                                      "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)
-    port = free_port()
+    port = free_port()  # the same port for every server: a stopped server's port is free again
     texts_by_prefix = bodies(prefixes)
     rows = []
     engine = server = None
@@ -107,13 +108,13 @@ def run(args) -> dict:
                 server = MPServer(python, workdir, adapter(tier, workdir, redis_port, serde),
                                   name=f"{tier}-{name.replace(' ', '')}", port=port)
                 server.start()
-                if engine is None:  # after the first server: vLLM's connector registers at start-up
-                    engine = VLLMDriver(python, workdir, models.model_dir(MODEL),
-                                        {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
-                                         "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1",
-                                                                       "lmcache.mp.port": port}},
-                                        max_model_len=max(prefixes) + 512)
-                    engine.wait_ready()
+                # LMCache 0.5.6: a running vLLM does not re-register with a restarted server, so a new engine too
+                engine = VLLMDriver(python, workdir, models.model_dir(MODEL),
+                                    {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
+                                     "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1",
+                                                                   "lmcache.mp.port": port}},
+                                    name=f"vllm-{tier}-{name.replace(' ', '')}", max_model_len=max(prefixes) + 512)
+                engine.wait_ready()
                 server.wait_registered()
                 for prefix in prefixes:
                     for _ in range(args.repeats):
@@ -121,6 +122,8 @@ def run(args) -> dict:
                                       redis_port)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
+                engine.stop()
+                engine = None
                 server.stop()
                 server = None
     finally:
