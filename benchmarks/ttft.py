@@ -204,9 +204,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / f"ttft-{MODEL}"))
     args = parser.parse_args(argv)
     result = run(args)
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(summarize(result))
+    Path(args.out + ".json").write_text(json.dumps(result, indent=1))  # not with_suffix: "0.5b" has a dot
+    Path(args.out + ".md").write_text(summarize(result))
     print(summarize(result))
     return 0
 
