@@ -31,6 +31,10 @@ class BlobStore:
         self._lock = threading.Lock()
         self._warned: set[str] = set()
 
+    def _key(self, name: str) -> str:
+        """How a backend names a record (the index uses the same names)."""
+        return name
+
     # -- the backend: raise OSError (disk) or redis.RedisError (Redis); the LRU logic here catches them --
     def _read(self, name: str) -> bytes | None:
         raise NotImplementedError
@@ -48,6 +52,7 @@ class BlobStore:
         """Keep ``data`` under ``name``, evicting the oldest records to stay within the limit."""
         if len(data) > self.max_bytes:
             return False
+        name = self._key(name)
         with self._lock:
             try:
                 self._forget(name)
@@ -61,6 +66,7 @@ class BlobStore:
             return True
 
     def get(self, name: str) -> bytes | None:
+        name = self._key(name)
         with self._lock:
             if name not in self._sizes:
                 return None
@@ -80,6 +86,7 @@ class BlobStore:
         return None
 
     def contains(self, name: str) -> bool:
+        name = self._key(name)
         with self._lock:
             if name in self._sizes:
                 return True
@@ -93,6 +100,7 @@ class BlobStore:
             return bool(size)
 
     def remove(self, name: str) -> bool:
+        name = self._key(name)
         with self._lock:
             present = name in self._sizes
             try:
@@ -163,23 +171,8 @@ class DiskStore(BlobStore):
     def __str__(self) -> str:
         return f"disk store {self.path}"
 
-    def put(self, name, data):
-        return super().put(_file_name(name), data)
-
-    def get(self, name):
-        data = super().get(_file_name(name))
-        if data is not None:
-            try:
-                os.utime(self.path / _file_name(name))  # LRU order survives a restart
-            except OSError:
-                pass
-        return data
-
-    def contains(self, name):
-        return super().contains(_file_name(name))
-
-    def remove(self, name):
-        return super().remove(_file_name(name))
+    def _key(self, name):
+        return _file_name(name)
 
     def _probe(self, name):
         file = self.path / name
@@ -187,9 +180,14 @@ class DiskStore(BlobStore):
 
     def _read(self, name):
         try:
-            return (self.path / name).read_bytes()
+            data = (self.path / name).read_bytes()
         except FileNotFoundError:
             return None
+        try:
+            os.utime(self.path / name)  # LRU order survives a restart
+        except OSError:
+            pass
+        return data
 
     def _write(self, name, data):
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".tmp-")
