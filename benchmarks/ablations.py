@@ -3,10 +3,9 @@
 - ``no RoPE removal``: PCA over the keys as cached (rotated); an identity RoPE table makes
   the unchanged codec skip un-rotation;
 - ``per-layer PCA``: each layer decorrelated on its own (a block-diagonal basis over the same
-  features), components ranked across layers for the same DP;
-- ``greedy allocation``: the same bases, bits given by greedy refinement of 64-wide blocks.
+  features), components ranked across layers for the same quantizer.
 
-All three come from one pass over the same text, contexts, held-out tokens, normalization and
+Both come from one pass over the same text, contexts, held-out tokens, normalization and
 K/V split as the reference calibration, and are ordinary calibration files run through the real codec.
 """
 
@@ -27,7 +26,7 @@ from lmcache_kvtc.rope import RopeTable, rope_table_from_hf_config
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("no RoPE removal", "per-layer PCA", "greedy allocation")
+VARIANTS = ("no RoPE removal", "per-layer PCA")
 ABLATION_RATIOS = (8.0, 16.0, 32.0)
 
 
@@ -38,7 +37,7 @@ def identity_rope(rope: RopeTable) -> RopeTable:
 
 
 def ablation_calibrations(reference_path: Path, ratios: Sequence[float] = ABLATION_RATIOS) -> dict[str, Calibration]:
-    """The three ablations of a Wikipedia calibration, built once and cached next to it (keyed by its fingerprint)."""
+    """The ablations of a Wikipedia calibration, built once and cached next to it (keyed by its fingerprint)."""
     reference = Calibration.load(reference_path)
     tag = reference.fingerprint.hex()[:12]
     paths = {v: reference_path.parent / "ablations" / f"{tag}.{v.lower().replace(' ', '-')}.safetensors"
@@ -65,13 +64,13 @@ def _build(reference: Calibration, ratios: Sequence[float]) -> dict[str, Calibra
 
     normalize = info.get("normalize", "none")
 
-    def calibration(variant: str, rope_name: str, groups: int = 1, greedy: bool = False) -> Calibration:
+    def calibration(variant: str, rope_name: str, groups: int = 1) -> Calibration:
         covariances = data.covariances[rope_name]
         streams = {s: c.pca(groups, c.layer_scale(layers) if normalize == "layer" else None)
                    for s, c in covariances.items()}
         planner = Planner(streams, data.heldout[rope_name], min(ratios))
         return assemble(model_id=reference.model_id, kv_heads=reference.kv_heads, head_dim=reference.head_dim,
-                        rope=ropes[rope_name], streams=streams, plans=planner.plans(ratios, key_weight, greedy=greedy),
+                        rope=ropes[rope_name], streams=streams, plans=planner.plans(ratios, key_weight),
                         info={"model": model, "ablation": variant, "source": info["source"], "key_weight": key_weight,
                               "normalize": normalize, "heldout_energy": planner.energy})
 
@@ -79,5 +78,4 @@ def _build(reference: Calibration, ratios: Sequence[float]) -> dict[str, Calibra
     return {
         "no RoPE removal": calibration("no RoPE removal", "rotated"),
         "per-layer PCA": calibration("per-layer PCA", "derotated", groups=layers),
-        "greedy allocation": calibration("greedy allocation", "derotated", greedy=True),
     }

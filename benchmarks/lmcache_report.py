@@ -1,14 +1,16 @@
-"""KVTC through LMCache 0.5.6 on a real model: bytes per chunk, position hit rate, ΔNLL/KL vs standalone.
+"""What users get: KVTC through LMCache 0.5.6, side by side with LMCache's own serdes and other baselines.
 
-For each held-out context (prefix + continuation) the prefix cache goes through a real MP
-StorageManager (L1 → serde → ``fs`` L2 → serde → L1) with the ``kvtc`` serde, which never sees
-positions; the continuation is then scored on the restored cache against the exact cache. The same
-prefix is also coded by the standalone codec at the *known* positions, chunked the same way
-(sinks 4, window 0) — the gap between the two is what the position estimate costs — and whole
-(sinks 4, window 128) as the standalone API would. LMCache's own ``fp8`` serde runs through the same
-path as a baseline. Long contexts measure the hit rate among many candidate positions.
+Each held-out context's prefix cache is cut into LMCache's 256-token chunks and goes through a real MP
+StorageManager (L1 → serde → ``fs`` L2 → serde → L1): the ``kvtc`` serde at each ratio (it never sees
+positions, keeps no recent window exact; the first chunk's 4 sinks stay exact) and LMCache's own ``fp8``
+serde. Baselines that LMCache cannot run here (KIVI-2/4; LMCache's ``turboquant`` presets, which need CUDA,
+reproduced from its source) code the same chunks in-process and are charged every byte they would store.
+The next tokens are then read teacher-forced on each restored cache: ΔNLL, KL, top-1 against the exact
+cache. A multi-key retrieval test (keys for coloured doors planted in the prefix, one asked for at its end)
+runs through the same paths, and long contexts measure the serde's position estimate.
 
-    python -m benchmarks.lmcache_report --calibration CAL.safetensors [--contexts 3 --prefix 2048 --long 8192]
+    python -m benchmarks.lmcache_report --model qwen2.5-coder-0.5b --out benchmarks/results/qwen2.5-coder-0.5b-lmcache
+    kvtc bench --lmcache ...  (same arguments)
 """
 
 from __future__ import annotations
@@ -19,87 +21,125 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from calibration import models, texts
 from calibration.calibrate import default_calibration
-from calibration.kv_capture import prefill
+from calibration.kv_capture import kv_dims, prefill
 from calibration.metrics import compare_logits, continuation_logits, relative_error
 from lmcache_kvtc import Calibration, KVTCCodec
 from lmcache_kvtc.lmcache import tiers
 from lmcache_kvtc.lmcache.position import PositionEstimator
 
+from . import retrieval
+from .baselines import KIVI, Baseline, turboquant_baselines
+
 MODEL = "qwen2.5-coder-0.5b"
-CHUNK = 256
+CHUNK = tiers.CHUNK_TOKENS
+SOURCES = ("python-docs", "kjv")
 
 
-def standalone_chunked(codec: KVTCCodec, kv: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The codec at known positions, one 256-token chunk at a time, coded as the serde codes them (sinks 4, no
-    window, each chunk within bf16 bytes / ``ratio``)."""
-    budget = int(kv[:, :, :CHUNK].numel() * kv.element_size() // ratio)
-    parts = [codec.decode(codec.encode(kv[:, :, s : s + CHUNK].contiguous(), start=s, sinks=4, window=0,
-                                       budget=budget))
-             for s in range(0, kv.shape[2], CHUNK)]
-    return torch.cat(parts, dim=2)
+@dataclass
+class PathMethod:
+    """One way a prefix cache can be stored: the cache in, its restored copy and what was stored out."""
+
+    name: str
+    kind: str  # "kvtc" (through LMCache), "lmcache" (LMCache's own serde), "baseline" (in-process), "standalone"
+    ratio_target: float | None
+    restore: Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
 
 
-def through_lmcache(kv, calibration_path, ratio, serde=None) -> tuple[torch.Tensor, dict]:
+def through_lmcache(kv: torch.Tensor, calibration_path: Path, ratio: float, serde: dict | None = None
+                    ) -> tuple[torch.Tensor, dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = {"type": "fs", "base_path": tmp}
-        if serde is not None:
-            adapter["serde"] = serde
+        adapter = {"type": "fs", "base_path": tmp, **({"serde": serde} if serde else {})}
         restored, stats = tiers.store_and_load(kv, str(calibration_path), adapter, ratio=ratio)
     if restored is None:
         raise RuntimeError(f"LMCache round trip lost chunks: {stats}")
     return restored, stats
 
 
-def score(model, kv, restored, continuation, reference) -> dict:
-    metrics = compare_logits(reference, continuation_logits(model, restored, continuation), continuation)
-    metrics["kv_rel_error"] = relative_error(kv, restored)
-    return metrics
+def kvtc_method(calibration_path: Path, ratio: float) -> PathMethod:
+    def restore(kv):
+        restored, stats = through_lmcache(kv, calibration_path, ratio)
+        return restored, {"stored_bytes_per_chunk": statistics.mean(stats["stored_bytes"]),
+                          "blob_bytes_per_chunk": statistics.mean(stats["blob_bytes"]),
+                          "plan_ratios": stats["plan_ratios"], "positions_right": stats["positions_right"],
+                          "chunks": stats["chunks"]}
+
+    return PathMethod(f"kvtc ratio {ratio:g}", "kvtc", ratio, restore)
 
 
-def quality_runs(model, tokenizer, calibration_path, ratios, n_contexts, prefix, continuation_tokens) -> list[dict]:
-    calibration = Calibration.load(calibration_path)
-    contexts = []
-    for source, docs in (("python-docs", texts.python_docs()), ("kjv", texts.kjv())):
-        for ids in texts.token_contexts(tokenizer, docs, n_contexts, prefix + continuation_tokens, seed=21):
-            contexts.append((source, ids))
-    rows = []
-    for i, (source, ids) in enumerate(contexts):
-        kv, _ = prefill(model, ids[:prefix], logits_to_keep=1)
-        continuation = ids[prefix:]
-        reference = continuation_logits(model, kv, continuation)
+def fp8_method(calibration_path: Path) -> PathMethod:
+    def restore(kv):
         restored, stats = through_lmcache(kv, calibration_path, 16, serde={"type": "fp8"})
-        rows.append({"context": i, "source": source, "variant": "lmcache-fp8-serde", "ratio_target": 2,
-                     "stored_bytes_per_chunk": statistics.mean(stats["stored_bytes"]),
-                     "raw_bytes_per_chunk": stats["raw_bytes_per_chunk"],
-                     **score(model, kv, restored, continuation, reference)})
-        for ratio in ratios:
-            restored, stats = through_lmcache(kv, calibration_path, ratio)
-            codec = KVTCCodec(calibration, ratio=None)
-            common = {"context": i, "source": source, "ratio_target": ratio,
-                      "raw_bytes_per_chunk": stats["raw_bytes_per_chunk"]}
-            rows.append({**common, "variant": "lmcache-kvtc (positions estimated)",
-                         "stored_bytes_per_chunk": statistics.mean(stats["stored_bytes"]),
-                         "blob_bytes_per_chunk": statistics.mean(stats["blob_bytes"]),
-                         "plan_ratios": stats["plan_ratios"],
-                         "positions_right": stats["positions_right"], "chunks": stats["chunks"],
-                         "store_s": stats["store_seconds"], "load_s": stats["load_seconds"],
-                         **score(model, kv, restored, continuation, reference)})
-            print(json.dumps(rows[-1]), flush=True)
-            rows.append({**common, "variant": "standalone, known positions, chunked",
-                         **score(model, kv, standalone_chunked(codec, kv, ratio), continuation, reference)})
-            if ratio in calibration.ratios:  # the standalone API codes a whole prefix with one plan
-                plan = KVTCCodec(calibration, ratio=ratio)
-                whole = plan.decode(blob := plan.encode(kv, start=0, sinks=4, window=128))
-                rows.append({**common, "variant": "standalone, whole prefix (sinks 4, window 128)",
-                             "blob_bytes_per_chunk": len(blob) / (prefix // CHUNK),
-                             **score(model, kv, whole, continuation, reference)})
+        return restored, {"stored_bytes_per_chunk": statistics.mean(stats["stored_bytes"])}
+
+    return PathMethod("LMCache fp8 serde", "lmcache", 2.0, restore)
+
+
+def baseline_method(baseline: Baseline) -> PathMethod:
+    """A baseline coding each 256-token chunk on its own, as a serde would."""
+
+    def restore(kv):
+        parts, stored = zip(*(baseline.roundtrip(kv[:, :, s : s + CHUNK].contiguous())
+                              for s in range(0, kv.shape[2], CHUNK)), strict=True)
+        return torch.cat(parts, dim=2), {"stored_bytes_per_chunk": statistics.mean(stored)}
+
+    return PathMethod(baseline.name, "baseline", None, restore)
+
+
+def standalone_method(calibration: Calibration, ratio: float) -> PathMethod:
+    """The standalone API on the whole prefix (4 sinks and a 128-token window exact): not what LMCache does."""
+    codec = KVTCCodec(calibration, ratio=ratio)
+
+    def restore(kv):
+        blob = codec.encode(kv, start=0, sinks=4, window=128)
+        return codec.decode(blob), {"blob_bytes_per_chunk": len(blob) / (kv.shape[2] // CHUNK)}
+
+    return PathMethod(f"standalone plan {ratio:g}, whole prefix, window 128", "standalone", ratio, restore)
+
+
+def path_methods(calibration_path: Path, ratios: list[float], head_dim: int, standalone: bool) -> list[PathMethod]:
+    calibration = Calibration.load(calibration_path)
+    out = [fp8_method(calibration_path)] + [kvtc_method(calibration_path, r) for r in ratios]
+    out += [baseline_method(b) for b in (KIVI(4), KIVI(2), *turboquant_baselines(head_dim))]
+    if standalone:
+        out += [standalone_method(calibration, r) for r in ratios if r in calibration.ratios]
+    return out
+
+
+def quality_runs(model, tokenizer, methods: list[PathMethod], n_contexts: int, prefix: int,
+                 continuation_tokens: int) -> list[dict]:
+    rows = []
+    for source in SOURCES:
+        docs = texts.python_docs() if source == "python-docs" else texts.kjv()
+        for ids in texts.token_contexts(tokenizer, docs, n_contexts, prefix + continuation_tokens, seed=21):
+            kv, _ = prefill(model, ids[:prefix], logits_to_keep=1)
+            continuation = ids[prefix:]
+            reference = continuation_logits(model, kv, continuation)
+            raw = kv[:, :, :CHUNK].numel() * kv.element_size()
+            for method in methods:
+                restored, stats = method.restore(kv)
+                metrics = compare_logits(reference, continuation_logits(model, restored, continuation), continuation)
+                rows.append({"source": source, "method": method.name, "kind": method.kind,
+                             "ratio_target": method.ratio_target, "raw_bytes_per_chunk": raw, **stats, **metrics,
+                             "kv_rel_error": relative_error(kv, restored)})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "plan_ratios"}), flush=True)
     return rows
+
+
+def retrieval_runs(model, tokenizer, methods: list[PathMethod], prefix: int, keys: int, depths: list[float],
+                   per_depth: int) -> dict:
+    """Multi-key retrieval on the LMCache path: the whole prompt but its last token is the stored prefix."""
+    trial_list = retrieval.trials(tokenizer, texts.python_docs(), prefix + 1, depths, per_depth, seed=2, keys=keys)
+    restorers = {m.name: (lambda kv, m=m: m.restore(kv)[0]) for m in methods if m.kind != "standalone"}
+    return {"keys": keys, "depths": depths, "trials_per_depth": per_depth,
+            "accuracy": retrieval.run(model, tokenizer, trial_list, restorers)}
 
 
 def hit_rates(model, tokenizer, calibration_path, long_tokens, max_positions) -> list[dict]:
@@ -123,69 +163,145 @@ def hit_rates(model, tokenizer, calibration_path, long_tokens, max_positions) ->
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[dict]] = {}
+    """Per method: mean and range over contexts; ratios from the mean bytes per chunk."""
+    groups: dict[str, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["variant"], row["ratio_target"]), []).append(row)
+        groups.setdefault(row["method"], []).append(row)
     out = []
-    for (variant, ratio), members in groups.items():
-        entry = {"variant": variant, "ratio_target": ratio, "contexts": len(members)}
+    for method, members in groups.items():
+        first = members[0]
+        entry = {"method": method, "kind": first["kind"], "ratio_target": first["ratio_target"],
+                 "contexts": len(members)}
         for field in ("delta_nll", "kl", "top1", "kv_rel_error", "stored_bytes_per_chunk", "blob_bytes_per_chunk"):
             values = [m[field] for m in members if m.get(field) is not None]
             if values:
                 entry[field] = statistics.mean(values)
-        if "positions_right" in members[0]:
-            right, chunks = (sum(m[k] for m in members) for k in ("positions_right", "chunks"))
-            entry["positions_right"] = f"{right}/{chunks}"
-        raw = members[0]["raw_bytes_per_chunk"]
+                entry[field + "_range"] = [min(values), max(values)]
         for field in ("stored_bytes_per_chunk", "blob_bytes_per_chunk"):
             if field in entry:
-                entry[field.replace("bytes_per_chunk", "ratio")] = raw / entry[field]
+                entry[field.replace("bytes_per_chunk", "ratio")] = first["raw_bytes_per_chunk"] / entry[field]
+        if "positions_right" in first:
+            entry["positions_right"] = f"{sum(m['positions_right'] for m in members)}/" \
+                                       f"{sum(m['chunks'] for m in members)}"
+            plans = [p for m in members for p in m["plan_ratios"]]
+            entry["plans"] = [min(plans), statistics.median(plans), max(plans)]
         out.append(entry)
     return out
 
 
-def markdown(summary: list[dict], hits: list[dict]) -> str:
-    lines = ["| variant | target | stored B/chunk (ratio) | blob B/chunk (ratio) | positions | ΔNLL | KL | top-1 "
-             "| KV rel.err |", "|---|---|---|---|---|---|---|---|---|"]
-    for s in summary:
-        stored = f"{s['stored_bytes_per_chunk']:.0f} ({s['stored_ratio']:.1f}×)" if "stored_ratio" in s else "–"
-        blob = f"{s['blob_bytes_per_chunk']:.0f} ({s['blob_ratio']:.1f}×)" if "blob_ratio" in s else "–"
-        lines.append(f"| {s['variant']} | {s['ratio_target']}× | {stored} | {blob} | {s.get('positions_right', '–')} "
-                     f"| {s['delta_nll']:+.4f} | {s['kl']:.4f} | {s['top1']:.3f} | {s['kv_rel_error']:.4f} |")
-    lines += ["", "| source | tokens | candidates | right | ms/chunk | min margin |", "|---|---|---|---|---|---|"]
-    for h in hits:
-        lines.append(f"| {h['source']} | {h['tokens']} | {h['candidates']} | {h['right']}/{h['chunks']} "
-                     f"| {h['ms_per_chunk']} | {h['min_margin']:.4f} |")
-    return "\n".join(lines)
+def largest_within(summary: list[dict], limits: dict[str, float]) -> dict | None:
+    """The kvtc row of highest stored ratio whose mean metrics are all within ``limits``."""
+    inside = [s for s in summary if s["kind"] == "kvtc" and all(s[k] <= v for k, v in limits.items())]
+    return max(inside, key=lambda s: s["stored_ratio"], default=None)
+
+
+def markdown(report: dict) -> str:
+    summary, hits = report["summary"], report["hit_rates"]
+    lines = [f"Calibration: `{report['calibration']}` ({report['calibration_source']}); evaluation: "
+             f"{report['contexts']} context(s) each of {', '.join(SOURCES)}, {report['prefix']}-token prefix in "
+             f"{CHUNK}-token chunks, next {report['continuation']} tokens teacher-forced. Stored = every byte "
+             "LMCache keeps per chunk (kvtc: its fixed-size object); baselines in-process are charged their "
+             "codes + scales. Mean [min–max] over contexts.", ""]
+    for label, limits in (("KL ≤ 0.03 and ΔNLL ≤ 0.03", {"kl": 0.03, "delta_nll": 0.03}),
+                          ("KL ≤ 0.06", {"kl": 0.06})):
+        best = largest_within(summary, limits)
+        found = f"{best['method']}: {best['stored_ratio']:.1f}× (KL {best['kl']:.4f}, ΔNLL {best['delta_nll']:+.4f})"
+        lines.append(f"- largest kvtc stored ratio with {label}: {found if best else 'none'}")
+    lines += ["", "| method | stored B/chunk (ratio) | plans chosen (min/median/max) | positions | KL | ΔNLL | top-1 "
+              "| KV rel.err |", "|---|---|---|---|---|---|---|---|"]
+    for s in sorted(summary, key=lambda s: (s["kind"] == "standalone", s.get("stored_ratio", 0))):
+        if "stored_ratio" in s:
+            stored = f"{s['stored_bytes_per_chunk']:,.0f} ({s['stored_ratio']:.1f}×)"
+        else:
+            stored = f"blob {s['blob_bytes_per_chunk']:,.0f} ({s['blob_ratio']:.1f}×)"
+        plans = "/".join(f"{p:.1f}×" for p in s["plans"]) if "plans" in s else "–"
+        kl, nll = s["kl_range"], s["delta_nll_range"]
+        lines.append(f"| {s['method']} | {stored} | {plans} | {s.get('positions_right', '–')} | {s['kl']:.4f} "
+                     f"[{kl[0]:.4f}–{kl[1]:.4f}] | {s['delta_nll']:+.4f} [{nll[0]:+.3f}–{nll[1]:+.3f}] "
+                     f"| {s['top1']:.3f} | {s['kv_rel_error']:.4f} |")
+    if "retrieval" in report:
+        info = report["retrieval"]
+        depths = [f"{d:g}" for d in info["depths"]]
+        lines += ["", f"Multi-key retrieval: {info['keys']} keys per prompt, {len(depths)} depths × "
+                  f"{info['trials_per_depth']} prompts of {report['prefix'] + 1} tokens, the whole prefix through "
+                  "each path.", "", "| method | accuracy | " + " | ".join(depths) + " |",
+                  "|---|---|" + "---|" * len(depths)]
+        for name, acc in info["accuracy"].items():
+            lines.append(f"| {name} | {acc['accuracy']:.2f} | " + " | ".join(f"{acc['by_depth'][d]:.2f}"
+                                                                          for d in depths) + " |")
+    if hits:
+        lines += ["", "| position estimate: source | tokens | candidates | right | ms/chunk | min margin |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {h['source']} | {h['tokens']} | {h['candidates']} | {h['right']}/{h['chunks']} "
+                  f"| {h['ms_per_chunk']} | {h['min_margin']:.4f} |" for h in hits]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    stored = [s for s in report["summary"] if "stored_ratio" in s]
+    for ax, metric in zip(axes, ("kl", "delta_nll"), strict=True):
+        kvtc = sorted((s for s in stored if s["kind"] == "kvtc"), key=lambda s: s["stored_ratio"])
+        ax.plot([s["stored_ratio"] for s in kvtc], [s[metric] for s in kvtc], "o-", label="kvtc (through LMCache)")
+        for s in stored:
+            if s["kind"] != "kvtc":
+                ax.plot(s["stored_ratio"], s[metric], "s" if s["kind"] == "lmcache" else "^", label=s["method"])
+        ax.set(xscale="log", xlabel="stored ratio vs bf16", ylabel={"kl": "KL (nats/token)", "delta_nll": "ΔNLL"}[
+            metric], title=f"{report['model']}: {metric} on the LMCache path")
+        if metric == "kl":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kvtc bench --lmcache", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=MODEL, help=f"offline model name (default {MODEL})")
     parser.add_argument("--calibration", type=Path, help="calibration file (default: the model's embedded default)")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[8, 12, 16, 20, 24, 32])
     parser.add_argument("--contexts", type=int, default=2, help="contexts per text source")
     parser.add_argument("--prefix", type=int, default=2048)
-    parser.add_argument("--continuation", type=int, default=256)
-    parser.add_argument("--long", type=int, default=8192, help="tokens of the long hit-rate contexts (0: skip)")
+    parser.add_argument("--continuation", type=int, default=512)
+    parser.add_argument("--keys", type=int, default=4, help="keys per retrieval prompt (0: no retrieval test)")
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--trials", type=int, default=2, help="retrieval prompts per depth")
+    parser.add_argument("--standalone", action="store_true", help="also the standalone codec on the whole prefix")
+    parser.add_argument("--long", type=int, default=0, help="tokens of the long position-estimate contexts (0: skip)")
     parser.add_argument("--max-positions", type=int, nargs="+", default=[32768, 131072, 1 << 20])
-    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    parser.add_argument("--out", type=Path, help="output prefix: writes .json, .md and .png")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     calibration_path = args.calibration or default_calibration(args.model)
     model, tokenizer = models.load(args.model)
-    rows = quality_runs(model, tokenizer, calibration_path, args.ratios, args.contexts, args.prefix,
-                        args.continuation)
-    hits = hit_rates(model, tokenizer, calibration_path, args.long, args.max_positions) if args.long else []
-    summary = summarize(rows)
-    report = {"model": args.model, "calibration": str(calibration_path), "summary": summary, "hit_rates": hits,
-              "rows": rows}
-    table = markdown(summary, hits)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
-        args.out.with_suffix(".md").write_text(f"# {args.model} through LMCache 0.5.6\n\n`python -m "
-                                               f"benchmarks.lmcache_report {' '.join(argv or sys.argv[1:])}`\n\n"
-                                               f"{table}\n")
+    methods = path_methods(calibration_path, args.ratios, kv_dims(model.config)[2], args.standalone)
+    rows = quality_runs(model, tokenizer, methods, args.contexts, args.prefix, args.continuation)
+    calibration = Calibration.load(calibration_path)
+    report = {"model": args.model, "calibration": str(calibration_path),
+              "calibration_source": calibration.info.get("source"), "contexts": args.contexts,
+              "prefix": args.prefix, "continuation": args.continuation, "date": time.strftime("%Y-%m-%d"),
+              "command": "python -m benchmarks.lmcache_report " + " ".join(sys.argv[1:] if argv is None else argv),
+              "summary": summarize(rows), "rows": rows,
+              "hit_rates": hit_rates(model, tokenizer, calibration_path, args.long, args.max_positions)
+              if args.long else []}
+    if args.keys:
+        report["retrieval"] = retrieval_runs(model, tokenizer, methods, args.prefix, args.keys, args.depths,
+                                             args.trials)
+    table = markdown(report)
+    if args.out:  # names like "…-0.5b-…" have no suffix to replace: append
+        out = {ext: args.out.parent / f"{args.out.name}.{ext}" for ext in ("json", "md", "png")}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        out["json"].write_text(json.dumps(report, indent=1))
+        out["md"].write_text(f"# {args.model} through LMCache 0.5.6\n\n`{report['command']}`\n\n{table}\n"
+                             f"![KL and ΔNLL vs stored ratio]({out['png'].name})\n")
+        plot(report, out["png"])
     print(table)
 
 

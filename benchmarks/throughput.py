@@ -10,9 +10,9 @@ min–max. Every method runs in the same process on the same tensors.
   tokens (one blob; the batched upper bound).
 * Calibrations are SYNTHETIC (no real 8B model is available offline): a random orthonormal
   basis (block-diagonal QR) of rank ``min(p, --rank)``, KV drawn from a decaying spectrum in
-  that basis, and a plan that fills the ratio's bit budget with 8-bit, then 4-bit, then 2-bit
-  blocks, as the DP's plans do. For the 8B shape p = 32·1024 = 32768; the default rank 4096
-  caps the plan below the 16× budget, so its real ratio is printed.
+  that basis, and one plan that keeps every component with the step of the spectrum's quarter
+  point (what a calibrated plan looks like near 16×). For the 8B shape p = 32·1024 = 32768; the
+  default rank is 4096. The stored ratio that results is printed.
 * "copy": device-to-host copy into pinned memory (encode column) and host-to-device
   (decode column); on ``--device cpu`` it is a host memcpy. "fp8": LMCache 0.5.6's
   ``Fp8QuantizationSerializer``/``Deserializer`` with both buffers on ``--device``.
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from lmcache_kvtc.bit_allocation import Block
-from lmcache_kvtc.calibration import STREAMS, Calibration, Plan, StreamBasis
+from lmcache_kvtc.calibration import STREAMS, Calibration, Plan, StreamBasis, StreamPlan
 from lmcache_kvtc.codec import KVTCCodec
 from lmcache_kvtc.fitting import assemble
+from lmcache_kvtc.quantizer import wide_count
 from lmcache_kvtc.rope import RopeTable
 
 from .baselines import _memory_obj
@@ -46,7 +46,7 @@ SHAPES = {"8b": (32, 8, 128), "qwen0.5b": (24, 2, 64), "qwen1.5b": (28, 2, 128),
 
 def synthetic_calibration(layers: int, heads: int, head_dim: int, rank: int, ratio: float,
                           seed: int = 0) -> tuple[Calibration, torch.Tensor]:
-    """Calibration with a random orthonormal rank-``rank`` basis and a budget-filling plan; also the spectrum."""
+    """Calibration with a random orthonormal rank-``rank`` basis and one plan; also the spectrum."""
     g = torch.Generator().manual_seed(seed)
     p = layers * heads * head_dim
     rank = min(rank, p) - min(rank, p) % 64
@@ -61,22 +61,13 @@ def synthetic_calibration(layers: int, heads: int, head_dim: int, rank: int, rat
     inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     rope = RopeTable(inv_freq=inv.repeat(layers, 1), attention_scaling=torch.ones(layers), head_dim=head_dim)
     streams = {s: StreamBasis(torch.full((p,), 0.5), basis, eigenvalues) for s in STREAMS}
-    blocks = _budget_plan(rank, int(16 * p // ratio))
-    plan = Plan(ratio=ratio, blocks={s: blocks for s in STREAMS}, expected_error={s: 0.0 for s in STREAMS})
+    step = float(spectrum[rank // 4].sqrt())
+    quantizer = StreamPlan(step=step, rank=rank, wide=wide_count(spectrum.sqrt(), step, rank), expected_error=0.0,
+                           expected_bits=16 * p / ratio / 2)
+    plan = Plan(ratio=ratio, streams={s: quantizer for s in STREAMS})
     calibration = assemble(model_id=f"synthetic-{layers}x{heads}x{head_dim}", kv_heads=heads, head_dim=head_dim,
                            rope=rope, streams=streams, plans=[plan], info={"synthetic": True})
     return calibration, spectrum.float()
-
-
-def _budget_plan(rank: int, budget: int) -> tuple[Block, ...]:
-    """8-bit blocks of 16 over the first rank/32 components, 4-bit blocks of 64 to rank/4, then 2-bit, within budget."""
-    blocks, start, used = [], 0, 0
-    for bits, size, stop in ((8, 16, rank // 32), (4, 64, rank // 4), (2, 64, rank)):
-        while start + size <= stop and used + size * bits + 32 <= budget:
-            blocks.append(Block(start, size, bits))
-            used += size * bits + 32
-            start += size
-    return tuple(blocks)
 
 
 def synthetic_kv(calibration: Calibration, spectrum: torch.Tensor, tokens: int, device: torch.device,
@@ -143,11 +134,9 @@ def run_shape(name: str, batches: list[int], device: torch.device, mode: str, re
     layers, heads, head_dim = SHAPES[name]
     calibration, spectrum = synthetic_calibration(layers, heads, head_dim, rank, ratio)
     plan = calibration.plans[0]
-    bits = plan.bits_per_token("keys")
     note = (f"{name}: [2, {layers}, {CHUNK}, {heads * head_dim}], p = {calibration.features}, synthetic basis of "
-            f"rank {min(rank, calibration.features)}; the plan keeps {plan.rank('keys')} components at {bits} "
-            f"bits/token/stream "
-            f"(pre-entropy {16 * calibration.features / bits:.1f}x vs bf16)")
+            f"rank {min(rank, calibration.features)}; the plan keeps {plan.rank('keys')} components "
+            f"(step {plan.streams['keys'].step:.3g})")
     codec = KVTCCodec(calibration, device=device, ratio=ratio, coder=coder)
     kv = synthetic_kv(calibration, spectrum, CHUNK * max(batches), device)
     rows = []

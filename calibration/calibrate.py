@@ -2,7 +2,7 @@
 
 Each context is prefilled once; its KV cache minus the attention sinks and the recent
 window becomes per-token feature vectors (keys de-rotated with the model's own RoPE). The
-last contexts are held out: the DP measures quantization error on them, and — with
+last contexts are held out: the quantizer's bytes and error are measured on them, and — with
 ``key_weight="auto"`` — the model's own next-token KL on their last tokens picks how the
 bit budget is split between keys and values. Nothing held out is used to fit the PCA.
 """
@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from lmcache_kvtc import KVTCCodec
-from lmcache_kvtc.calibration import Calibration, StreamBasis
+from lmcache_kvtc.calibration import FORMAT_VERSION, Calibration, StreamBasis
 from lmcache_kvtc.codec import token_features
 from lmcache_kvtc.fitting import DEFAULT_RATIOS, FeatureCovariance, Planner, add_batch, assemble
 from lmcache_kvtc.rope import RopeTable, rope_table_from_hf_config
@@ -205,7 +205,8 @@ def _label(normalize: str, key_weight: float | None) -> str:
 
 
 def default_calibration_path(model: str) -> Path:
-    return models.cache_dir() / "calibrations" / f"{model}.safetensors"
+    """Named by calibration format version, so a cache built by an older release is rebuilt, not misread."""
+    return models.cache_dir() / "calibrations" / f"{model}.v{FORMAT_VERSION}.safetensors"
 
 
 def default_calibration(model: str = "qwen2.5-coder-0.5b") -> Path:

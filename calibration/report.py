@@ -30,6 +30,19 @@ def water_filling(eigenvalues: torch.Tensor, energy: float, points: int = 60) ->
     return ratios, errors
 
 
+def water_filling_bits(eigenvalues: torch.Tensor, energy: float, rel_error: float) -> float:
+    """Bits per token the reverse water-filling limit needs for ``rel_error`` (relative squared error)."""
+    lam = eigenvalues.double().clamp(min=1e-30)
+    low, high = float(lam.min().log()) - 40, float(lam.max().log())
+    for _ in range(100):  # bisection on log θ: D(θ) grows with θ
+        mid = (low + high) / 2
+        if float(torch.minimum(lam, torch.tensor(mid).exp()).sum()) < rel_error * energy:
+            low = mid
+        else:
+            high = mid
+    return float((0.5 * torch.log2(lam / torch.tensor(low).exp())).clamp(min=0).sum())
+
+
 def write_report(calibration: Calibration, directory: str | Path) -> Path:
     """Write ``report.md``, ``spectrum.png`` and ``rate_distortion.png`` into ``directory``."""
     directory = Path(directory)
@@ -48,12 +61,13 @@ def write_report(calibration: Calibration, directory: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for s, color in zip(STREAMS, ("tab:blue", "tab:orange"), strict=True):
-        ax.loglog(calibration.ratios, [p.expected_error[s] for p in calibration.plans], "o-", color=color,
-                  label=f"{s}: DP plans (held-out)")
+        ratios = [16 * calibration.features / p.bits_per_token(s) for p in calibration.plans]
+        ax.loglog(ratios, [p.expected_error[s] for p in calibration.plans], "o-", color=color,
+                  label=f"{s}: plans (held-out, entropy-coded)")
         if s in energy:
             ratios, errors = water_filling(calibration.streams[s].eigenvalues, energy[s])
             ax.loglog(ratios, errors, "--", color=color, alpha=0.6, label=f"{s}: reverse water-filling limit")
-    ax.set(xlabel="compression ratio vs 16-bit (before entropy coding)", ylabel="relative squared error",
+    ax.set(xlabel="compression ratio vs 16-bit", ylabel="relative squared error",
            title=f"{calibration.model_id}: expected rate–distortion")
     ax.set_xlim(2, 100)
     ax.legend(fontsize=7)
@@ -61,9 +75,16 @@ def write_report(calibration: Calibration, directory: str | Path) -> Path:
     fig.savefig(directory / "rate_distortion.png", dpi=120)
     plt.close(fig)
 
+    def limit(p, s: str) -> str:
+        if s not in energy:
+            return "–"
+        return f"{water_filling_bits(calibration.streams[s].eigenvalues, energy[s], p.expected_error[s]):.0f}"
+
     rows = [
-        f"| {p.ratio:g}× | {p.bits_per_token('keys')} / {p.bits_per_token('values')} | "
-        f"{p.rank('keys')} / {p.rank('values')} | {p.expected_error['keys']:.2e} / {p.expected_error['values']:.2e} |"
+        f"| {p.ratio:g}× | {p.streams['keys'].step:.3g} / {p.streams['values'].step:.3g} | "
+        f"{p.bits_per_token('keys'):.0f} / {p.bits_per_token('values'):.0f} | "
+        f"{limit(p, 'keys')} / {limit(p, 'values')} | {p.rank('keys')} / {p.rank('values')} | "
+        f"{p.expected_error['keys']:.2e} / {p.expected_error['values']:.2e} |"
         for p in calibration.plans
     ]
     text = "\n".join([
@@ -76,8 +97,9 @@ def write_report(calibration: Calibration, directory: str | Path) -> Path:
         json.dumps(calibration.info, indent=2),
         "```",
         "",
-        "| plan | bits/token K / V | rank K / V | expected rel. sq. error K / V (held-out) |",
-        "|---|---|---|---|",
+        "| plan | step K / V | coded bits/token K / V | water-filling limit at that error K / V | rank K / V "
+        "| expected rel. sq. error K / V (held-out) |",
+        "|---|---|---|---|---|---|",
         *rows,
         "",
         "![spectrum](spectrum.png) ![rate-distortion](rate_distortion.png)",

@@ -1,4 +1,4 @@
-"""KVTC (KV Cache Transform Coding) for LMCache: calibrated PCA + DP bit allocation + DEFLATE."""
+"""KVTC (KV Cache Transform Coding) for LMCache: calibrated PCA + uniform quantization + DEFLATE."""
 
 from .calibration import Calibration
 from .codec import KVTCCodec

@@ -1,10 +1,10 @@
 """The KVTC blob: a self-describing, versioned, little-endian container.
 
-Wire format (version 1), all integers little-endian::
+Wire format (version 2), all integers little-endian::
 
     offset size  field
     0      4     magic b"KVTC"
-    4      2     format version (1)
+    4      2     format version (2)
     6      2     flags: bit0 PADDED (zero bytes may follow the payload, up to a fixed size)
                         bit1 START_ESTIMATED (``start`` was inferred from the data, not given)
     8      4     header_size: bytes from offset 0 to the end of the header CRC
@@ -29,8 +29,9 @@ Wire format (version 1), all integers little-endian::
     ...    4     CRC32 of every header byte before it
 
 The payload is the chunks (each start 16-byte aligned). Their concatenated inflated bytes
-are the *symbol stream*: exact tokens, then per stream (K, V) side info and codes; its
-size follows from the layout and the plan, which the decoder checks before inflating.
+are the *symbol stream*: exact tokens, then per stream (K, V) the plan's symbols (see
+:mod:`.quantizer`); its size follows from the layout and the plan, which the decoder checks
+before inflating. Version 1 (per-token min/max blocks) is refused as :class:`ForeignBlobError`.
 :func:`parse` checks everything structural before any allocation.
 """
 
@@ -46,7 +47,7 @@ from .entropy import CHUNK_SIZE, ChunkEntry
 from .errors import CorruptBlobError, ForeignBlobError, TruncatedBlobError
 
 MAGIC = b"KVTC"
-VERSION = 1
+VERSION = 2
 FLAG_PADDED = 1
 FLAG_START_ESTIMATED = 2
 _KNOWN_FLAGS = FLAG_PADDED | FLAG_START_ESTIMATED

@@ -1,8 +1,8 @@
 """The calibration: what KVTC learns once per model and reuses for every cache.
 
 Per stream (keys, values): the mean, the PCA basis trimmed to the rank any plan uses, and
-the full eigen-spectrum (for reports); the model's RoPE table; and a ladder of bit
-allocation plans, one per target ratio. Stored as safetensors with one JSON metadata
+the full eigen-spectrum (for reports); the model's RoPE table; and a ladder of quantizer
+plans, one per target ratio. Stored as safetensors with one JSON metadata
 entry; no pickle. The fingerprint hashes all of it, so a blob can prove which
 calibration made it.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,13 +19,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .bit_allocation import BLOCK_SIZES, Block
 from .errors import CalibrationError
-from .quantizer import BIT_WIDTHS
 from .rope import RopeTable
 
 FORMAT = "lmcache-kvtc-calibration"
-FORMAT_VERSION = 1
+#: 2: one quantizer step per stream and plan (version 1 held per-token min/max blocks: recalibrate)
+FORMAT_VERSION = 2
 STREAMS = ("keys", "values")
 
 
@@ -60,18 +60,32 @@ class StreamBasis:
 
 
 @dataclass(frozen=True)
+class StreamPlan:
+    """How one stream is quantized at one rung: step, components kept, how many of them are int16."""
+
+    step: float
+    rank: int
+    wide: int
+    expected_error: float  # relative squared error on held-out calibration tokens
+    expected_bits: float  # entropy-coded bits per token on the same tokens
+
+
+@dataclass(frozen=True)
 class Plan:
-    """One rung of the ladder: the blocks kept per stream and what the DP expects of them."""
+    """One rung of the ladder: a target ratio and each stream's quantizer."""
 
     ratio: float
-    blocks: dict[str, tuple[Block, ...]]
-    expected_error: dict[str, float]  # predicted relative squared error per stream (held-out)
+    streams: dict[str, StreamPlan]
 
     def rank(self, stream: str) -> int:
-        return max((b.start + b.size for b in self.blocks[stream]), default=0)
+        return self.streams[stream].rank
 
-    def bits_per_token(self, stream: str) -> int:
-        return sum(b.cost for b in self.blocks[stream])
+    def bits_per_token(self, stream: str) -> float:
+        return self.streams[stream].expected_bits
+
+    @property
+    def expected_error(self) -> dict[str, float]:
+        return {s: p.expected_error for s, p in self.streams.items()}
 
 
 @dataclass
@@ -128,11 +142,7 @@ class Calibration:
             "head_dim": self.head_dim,
             "rope": {"head_dim": self.rope.head_dim, "interleaved": self.rope.interleaved},
             "plans": [
-                {
-                    "ratio": plan.ratio,
-                    "blocks": {s: [list(b) for b in plan.blocks[s]] for s in STREAMS},
-                    "expected_error": plan.expected_error,
-                }
+                {"ratio": plan.ratio, "streams": {s: vars(plan.streams[s]) for s in STREAMS}}
                 for plan in self.plans
             ],
             "info": self.info,
@@ -176,7 +186,8 @@ class Calibration:
     def _from_parts(cls, meta: dict, tensors: dict[str, torch.Tensor], origin: str) -> Calibration:
         if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             found = f"{meta.get('format')!r} v{meta.get('version')}"
-            raise CalibrationError(f"{origin}: unsupported calibration format {found}")
+            raise CalibrationError(f"{origin}: unsupported calibration format {found}; this code reads "
+                                   f"{FORMAT!r} v{FORMAT_VERSION} (calibrate the model again)")
         try:
             rope = RopeTable(
                 inv_freq=tensors["rope.inv_freq"],
@@ -190,11 +201,7 @@ class Calibration:
                 for s in STREAMS
             }
             plans = [
-                Plan(
-                    ratio=float(p["ratio"]),
-                    blocks={s: tuple(Block(*map(int, b)) for b in p["blocks"][s]) for s in STREAMS},
-                    expected_error={s: float(p["expected_error"][s]) for s in STREAMS},
-                )
+                Plan(ratio=float(p["ratio"]), streams={s: _stream_plan(p["streams"][s]) for s in STREAMS})
                 for p in meta["plans"]
             ]
             calibration = cls(
@@ -237,11 +244,14 @@ class Calibration:
             fail("no plans")
         for plan in self.plans:
             for name in STREAMS:
-                end = 0
-                for block in plan.blocks[name]:
-                    if block.size not in BLOCK_SIZES or block.bits not in BIT_WIDTHS[1:] or block.start < end:
-                        fail(f"plan {plan.ratio}: invalid block {block}")
-                    end = block.start + block.size
-                rank = self.streams[name].basis.shape[1]
-                if end > rank:
-                    fail(f"plan {plan.ratio}: uses {end} {name} components, the basis has {rank}")
+                q = plan.streams[name]
+                if not (math.isfinite(q.step) and q.step > 0 and 0 <= q.wide <= q.rank):
+                    fail(f"plan {plan.ratio}: invalid {name} quantizer {q}")
+                if q.rank > self.streams[name].basis.shape[1]:
+                    fail(f"plan {plan.ratio}: uses {q.rank} {name} components, the basis has "
+                         f"{self.streams[name].basis.shape[1]}")
+
+
+def _stream_plan(entry: dict) -> StreamPlan:
+    return StreamPlan(step=float(entry["step"]), rank=int(entry["rank"]), wide=int(entry["wide"]),
+                      expected_error=float(entry["expected_error"]), expected_bits=float(entry["expected_bits"]))

@@ -68,10 +68,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # the quality benchmark keeps its own arguments
+    if argv[:1] == ["bench"]:  # the benchmarks keep their own arguments
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        if "--lmcache" in argv:
+            from benchmarks.lmcache_report import main as lmcache_bench
+
+            lmcache_bench([a for a in argv[1:] if a != "--lmcache"])
+            return 0
         from benchmarks.quality import main as bench
 
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return bench(argv[1:])
     parser = argparse.ArgumentParser(prog="kvtc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration")
     p.set_defaults(func=_inspect)
 
-    sub.add_parser("bench", help="quality benchmark: KVTC vs baselines and ablations (kvtc bench --help)")
+    sub.add_parser("bench", help="quality benchmark: KVTC vs baselines and ablations (kvtc bench --help); "
+                                 "--lmcache: through LMCache's tiers, what users get (kvtc bench --lmcache --help)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

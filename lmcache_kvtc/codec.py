@@ -3,8 +3,8 @@
 Encode, per stream (K, V) of the tokens that are not stored exactly::
 
     keys: remove RoPE at their positions
-    x (one vector of L·H·D per token) -> c = ((x - mean) / scale) @ basis -> per-block quantize -> symbols
-    symbols grouped by width (int2 and int4 packed into bytes) -> raw DEFLATE chunks
+    x (one vector of L·H·D per token) -> c = ((x - mean) / scale) @ basis -> round(c / step) -> symbols
+    symbols, component-major (int8, int16 for the leading components that need it) -> raw DEFLATE chunks
 
 Decode is the exact reverse and re-applies RoPE at the stored positions. Attention sinks
 (sequence positions < ``sinks``) and the last ``window`` tokens are stored exactly.
@@ -22,44 +22,8 @@ from .calibration import STREAMS, Calibration
 from .entropy import CHUNK_SIZE, CODER_RAW_DEFLATE, DeflateCPU
 from .entropy_gpu import DeflateNvcomp, select_coder
 from .errors import CalibrationMismatchError, CorruptBlobError, ForeignBlobError, LayoutError
-from .quantizer import FP16_MAX, dequantize, pack, packed_size, quantize, unpack
+from .quantizer import WIDE_LIMIT, dequantize, quantize, section_size
 from .rope import RopeTable
-
-CODE_WIDTHS = (2, 4, 8)
-
-
-@dataclass
-class _StreamLayout:
-    """Index tensors derived from one stream's plan: which components go where."""
-
-    rank: int
-    n_blocks: int
-    # per block size: component indices [nb, size], bits [nb], block ordinal [nb]
-    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    rows: dict[int, torch.Tensor]  # width -> component indices, ascending
-
-    @classmethod
-    def from_blocks(cls, blocks, device: torch.device) -> _StreamLayout:
-        by_size: dict[int, list[tuple[int, int, int]]] = {}
-        rows: dict[int, list[int]] = {w: [] for w in CODE_WIDTHS}
-        for ordinal, block in enumerate(blocks):
-            by_size.setdefault(block.size, []).append((block.start, block.bits, ordinal))
-            rows[block.bits].extend(range(block.start, block.start + block.size))
-        groups = []
-        for size, members in sorted(by_size.items()):
-            starts, bits, ordinals = (torch.tensor(col, device=device) for col in zip(*members, strict=True))
-            groups.append((starts[:, None] + torch.arange(size, device=device), bits, ordinals))
-        return cls(
-            rank=max((b.start + b.size for b in blocks), default=0),
-            n_blocks=len(blocks),
-            groups=groups,
-            rows={w: torch.tensor(r, dtype=torch.long, device=device) for w, r in rows.items()},
-        )
-
-    def section_size(self, tokens: int) -> int:
-        """Bytes of side info and codes for ``tokens`` tokens."""
-        side = 4 * self.n_blocks * tokens
-        return side + sum(packed_size(len(self.rows[w]), tokens, w) for w in CODE_WIDTHS)
 
 
 @dataclass
@@ -89,19 +53,16 @@ class KVTCCodec:
         self.plan_id = None if ratio is None else calibration.plan_index(ratio)
         self.coder = coder or select_coder(self.device)
         self._bases = {s: calibration.streams[s].to(self.device) for s in STREAMS}
-        self._layouts: dict[tuple[int, str], _StreamLayout] = {}
         self._finest_first = sorted(range(len(calibration.plans)), key=lambda p: calibration.plans[p].ratio)
 
     @property
     def ratio(self) -> float | None:
         return None if self.plan_id is None else self.calibration.plans[self.plan_id].ratio
 
-    def _layout(self, plan_id: int, stream: str) -> _StreamLayout:
-        key = (plan_id, stream)
-        if key not in self._layouts:
-            blocks = self.calibration.plans[plan_id].blocks[stream]
-            self._layouts[key] = _StreamLayout.from_blocks(blocks, self.device)
-        return self._layouts[key]
+    def _section_size(self, plan_id: int, tokens: int) -> int:
+        """Bytes of both streams' symbols for ``tokens`` coded tokens."""
+        plan = self.calibration.plans[plan_id]
+        return sum(section_size(plan.rank(s), plan.streams[s].wide, tokens) for s in STREAMS)
 
     # -- encode ---------------------------------------------------------------------------
     def encode(self, kv: torch.Tensor, start: int = 0, sinks: int = 4, window: int = 128, flags: int = 0,
@@ -135,10 +96,7 @@ class KVTCCodec:
             positions = torch.arange(start + head, start + tokens - tail, device=self.device)
             features = self._features(kv[:, :, head : tokens - tail].to(self.device), positions)
             for i, stream in enumerate(STREAMS):
-                c = self._bases[stream].project(features[i])
-                if c.numel() and c.abs().amax() >= FP16_MAX:
-                    raise LayoutError(f"{stream} coefficients exceed fp16 range: KV does not fit this calibration")
-                coefficients[stream] = c
+                coefficients[stream] = self._bases[stream].project(features[i])
         return _Chunk(kv.shape, kv.dtype, start, head, tail, exact.contiguous().view(torch.uint8).view(-1),
                       coefficients)
 
@@ -160,14 +118,14 @@ class KVTCCodec:
     def _blob_within(self, chunk: _Chunk, budget: int, flags: int) -> bytes:
         """The blob of the finest plan that fits in ``budget`` bytes.
 
-        The first trial is the finest plan whose blob fits before entropy coding (DEFLATE rarely grows it);
-        from there the search steps to finer plans while they fit, or to coarser ones until one does.
-        Typically two or three trial encodes.
+        The first trial is the finest plan whose blob the calibration expects to fit (its entropy-coded
+        bits per token on held-out text); from there the search steps to finer plans while they fit, or to
+        coarser ones until one does. Typically two or three trial encodes.
         """
         order = self._finest_first
         n = chunk.shape[2] - chunk.head - chunk.tail
-        raw = [self._raw_size(chunk, p, n) for p in order]
-        i = next((k for k, size in enumerate(raw) if size <= budget), len(order) - 1)
+        expected = [self._expected_size(chunk, p, n) for p in order]
+        i = next((k for k, size in enumerate(expected) if size <= budget), len(order) - 1)
         blob = self._blob(chunk, order[i], flags)
         if len(blob) <= budget:
             while i > 0:
@@ -182,10 +140,11 @@ class KVTCCodec:
                 return blob
         raise LayoutError(f"no plan of the calibration fits a {tuple(chunk.shape)} chunk in {budget} bytes")
 
-    def _raw_size(self, chunk: _Chunk, plan_id: int, n: int) -> int:
-        """Blob size of ``plan_id`` if DEFLATE neither shrank nor grew the sections."""
-        stream = sum(self._layout(plan_id, s).section_size(n) for s in STREAMS) if n else 0
-        chunks = -(-chunk.exact.numel() // CHUNK_SIZE) + -(-stream // CHUNK_SIZE)
+    def _expected_size(self, chunk: _Chunk, plan_id: int, n: int) -> float:
+        """Blob size of ``plan_id`` if the symbols code as they did on held-out text (exact tokens raw)."""
+        plan = self.calibration.plans[plan_id]
+        stream = n * sum(plan.bits_per_token(s) for s in STREAMS) / 8
+        chunks = -(-chunk.exact.numel() // CHUNK_SIZE) + -(-self._section_size(plan_id, n) // CHUNK_SIZE)
         return wire.header_size(len(self.calibration.model_id.encode()), chunks) + chunk.exact.numel() + stream
 
     def _check_input(self, kv: torch.Tensor, start: int, sinks: int, window: int) -> None:
@@ -210,19 +169,11 @@ class KVTCCodec:
         return features
 
     def _encode_stream(self, plan_id: int, stream: str, coefficients: torch.Tensor) -> torch.Tensor:
-        layout = self._layout(plan_id, stream)
-        n = coefficients.shape[0]
-        coefficients = coefficients[:, : layout.rank]
-        shift = torch.empty(layout.n_blocks, n, dtype=torch.float16, device=self.device)
-        scale = torch.empty_like(shift)
-        codes = torch.zeros(layout.rank, n, dtype=torch.uint8, device=self.device)
-        for components, bits, ordinals in layout.groups:
-            q, lo, step = quantize(coefficients[:, components], bits)
-            shift[ordinals], scale[ordinals] = lo.T, step.T
-            codes[components.reshape(-1)] = q.reshape(n, -1).T
-        parts = [torch.stack((shift, scale)).view(torch.uint8).reshape(-1)]
-        parts += [pack(codes[layout.rows[w]], w).reshape(-1) for w in CODE_WIDTHS]
-        return torch.cat(parts)
+        q = self.calibration.plans[plan_id].streams[stream]
+        kept = coefficients[:, : q.rank]
+        if kept.numel() and kept.abs().amax() > WIDE_LIMIT * q.step:
+            raise LayoutError(f"{stream} coefficients exceed the symbol range: KV does not fit this calibration")
+        return quantize(kept, q.step, q.wide)
 
     def max_blob_size(self, tokens: int, exact_head: int = 0, exact_tail: int = 0, dtype=torch.bfloat16,
                       plan_id: int | None = None) -> int:
@@ -235,7 +186,7 @@ class KVTCCodec:
             raise LayoutError("max_blob_size needs a plan_id: this codec has no plan of its own")
         n = tokens - exact_head - exact_tail
         exact = 2 * cal.layers * (exact_head + exact_tail) * cal.hidden * dtype.itemsize
-        stream = sum(self._layout(plan_id, s).section_size(n) for s in STREAMS) if n > 0 else 0
+        stream = self._section_size(plan_id, n) if n > 0 else 0
         chunks = -(-exact // CHUNK_SIZE) + -(-stream // CHUNK_SIZE)
         deflate_bound = exact + stream + chunks * (CHUNK_SIZE >> 12) + chunks * (64 + 16)
         return wire.header_size(len(cal.model_id.encode()), chunks) + deflate_bound
@@ -262,14 +213,17 @@ class KVTCCodec:
             offset = exact_bytes
             features = []
             for stream in STREAMS:
-                size = self._layout(header.plan, stream).section_size(n)
+                q = self.calibration.plans[header.plan].streams[stream]
+                size = section_size(q.rank, q.wide, n)
                 section = buffer[offset : offset + size].to(self.device)
-                features.append(self._decode_stream(header.plan, stream, section, n))
+                features.append(self._bases[stream].reconstruct(dequantize(section, q.step, q.rank, q.wide, n)))
                 offset += size
             keys, values = (f.reshape(n, header.layers, header.hidden).transpose(0, 1) for f in features)
             positions = torch.arange(header.start + head, header.start + head + n, device=self.device)
             out[0, :, head : head + n] = self.calibration.rope.rotate(keys, positions, header.dtype).to(header.dtype)
             out[1, :, head : head + n] = values.to(header.dtype)
+            if not torch.isfinite(out[:, :, head : head + n]).all():
+                raise CorruptBlobError("symbols decode to KV outside the range of its dtype")
         return out
 
     def _check_header(self, h: wire.BlobHeader) -> None:
@@ -287,28 +241,7 @@ class KVTCCodec:
     def _expected_sections(self, h: wire.BlobHeader) -> tuple[int, int]:
         exact = 2 * h.layers * (h.exact_head + h.exact_tail) * h.hidden * h.dtype.itemsize
         n = h.compressed_tokens
-        stream = sum(self._layout(h.plan, s).section_size(n) for s in STREAMS) if n else 0
-        return exact, stream
-
-    def _decode_stream(self, plan_id: int, stream: str, data: torch.Tensor, n: int) -> torch.Tensor:
-        layout = self._layout(plan_id, stream)
-        side = 4 * layout.n_blocks * n
-        shift, scale = data[:side].view(torch.float16).view(2, layout.n_blocks, n)
-        codes = torch.zeros(layout.rank, n, dtype=torch.uint8, device=self.device)
-        offset = side
-        for w in CODE_WIDTHS:
-            rows = layout.rows[w]
-            size = packed_size(len(rows), n, w)
-            if size:
-                codes[rows] = unpack(data[offset : offset + size].view(len(rows), -1), w, n)
-            offset += size
-        coefficients = torch.zeros(n, layout.rank, device=self.device)
-        for components, _bits, ordinals in layout.groups:
-            values = dequantize(codes[components].permute(2, 0, 1), shift[ordinals].T, scale[ordinals].T)
-            coefficients[:, components] = values
-        if not torch.isfinite(coefficients).all():
-            raise CorruptBlobError(f"{stream} side information decodes to non-finite values")
-        return self._bases[stream].reconstruct(coefficients)
+        return exact, self._section_size(h.plan, n) if n else 0
 
 
 def token_features(kv: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Fitting a calibration from KV samples: streaming PCA, held-out error table, DP ladder."""
+"""Fitting a calibration from KV samples: streaming PCA, held-out rate–distortion curves, the plan ladder."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 import torch
 
-from .bit_allocation import BitAllocator, greedy_allocate, measure_errors, plan_error
-from .calibration import STREAMS, Calibration, Plan, StreamBasis
+from .calibration import STREAMS, Calibration, Plan, StreamBasis, StreamPlan
+from .planning import CurvePoint, curve
 from .rope import RopeTable
 
 #: the rungs reports and benchmarks show by default
@@ -97,56 +97,60 @@ def fit_bases(fit_batches: Iterable[torch.Tensor]) -> dict[str, StreamBasis]:
 
 
 class Planner:
-    """Error tables and the DP on held-out tokens, computed once per calibration.
+    """Rate–distortion curves of both streams on held-out tokens, computed once per calibration.
 
-    Every plan spends ``2·floor(16·p / ratio)`` bits per token on K and V together. With
-    ``key_weight=None`` each stream gets half (the paper's per-stream budget); otherwise the
-    split minimises ``key_weight · rel_err(K) + rel_err(V)`` (relative squared errors).
-    Plans for any ladder and key weight are then cheap, which lets calibration tune the
-    split by measuring the model's output.
+    A plan at ``ratio`` is expected to spend bf16 bytes / ``ratio`` per token on K and V together (measured
+    on the held-out tokens; the codec's rate control then meets each blob's byte budget exactly). With
+    ``key_weight=None`` each stream gets half; otherwise the split minimises
+    ``key_weight · rel_err(K) + rel_err(V)`` (relative squared errors). Plans for any ladder and key
+    weight are then cheap, which lets calibration tune the split by measuring the model's output.
     """
 
     def __init__(self, streams: dict[str, StreamBasis], heldout: torch.Tensor, min_ratio: float):
         self.streams = streams
         self.features = heldout.shape[2]
-        top = 2 * int(16 * self.features // min_ratio)
-        self.allocators: dict[str, BitAllocator] = {}
+        top = self._budget(min_ratio)
+        self.curves: dict[str, list[CurvePoint]] = {}
         self.energy: dict[str, float] = {}
         for i, s in enumerate(STREAMS):
-            self.allocators[s] = BitAllocator(measure_errors(streams[s].project(heldout[i])), top)
-            x = heldout[i].double() if streams[s].scale is None else heldout[i].double() / streams[s].scale
+            basis = streams[s]
+            sigmas = basis.eigenvalues[: basis.basis.shape[1]].sqrt()
+            self.curves[s] = curve(basis.project(heldout[i]), sigmas, top)
+            x = heldout[i].double() if basis.scale is None else heldout[i].double() / basis.scale
             self.energy[s] = float(x.square().sum(dim=1).mean())
 
-    def plans(self, ratios: Iterable[float], key_weight: float | None = None, greedy: bool = False) -> list[Plan]:
-        """One plan per ratio; ``greedy`` swaps the DP for greedy refinement of 64-wide blocks (an ablation)."""
+    def _budget(self, ratio: float) -> float:
+        """Bytes per token of K and V together at ``ratio`` against bf16."""
+        return 2 * 2 * self.features / ratio
+
+    def plans(self, ratios: Iterable[float], key_weight: float | None = None) -> list[Plan]:
+        """One plan per ratio, finest first."""
         plans = []
         for ratio in sorted(float(r) for r in ratios):
-            split = self._split(int(16 * self.features // ratio), key_weight)
-            coverings = {s: self._covering(s, split[s], greedy) for s in STREAMS}
-            plans.append(
-                Plan(
-                    ratio=ratio,
-                    blocks={s: tuple(b for b in coverings[s] if b.bits) for s in STREAMS},
-                    expected_error={
-                        s: plan_error(self.allocators[s].table, coverings[s]) / self.energy[s] for s in STREAMS
-                    },
-                )
-            )
+            points = self._split(self._budget(ratio), key_weight)
+            plans.append(Plan(ratio=ratio, streams={
+                s: StreamPlan(step=p.step, rank=p.rank, wide=p.wide, expected_error=p.error / self.energy[s],
+                              expected_bits=8 * p.bytes_per_token)
+                for s, p in points.items()
+            }))
         return plans
 
-    def _covering(self, stream: str, budget: int, greedy: bool) -> list:
-        if greedy:
-            return greedy_allocate(self.allocators[stream].table, budget)
-        return self.allocators[stream].covering(budget)
-
-    def _split(self, budget: int, key_weight: float | None) -> dict[str, int]:
+    def _split(self, budget: float, key_weight: float | None) -> dict[str, CurvePoint]:
         if key_weight is None:
-            return {"keys": budget, "values": budget}
-        total = 2 * budget
-        keys = self.allocators["keys"].curve[: total + 1] / self.energy["keys"]
-        values = self.allocators["values"].curve[: total + 1].flip(0) / self.energy["values"]
-        k = int(torch.argmin(key_weight * keys + values))
-        return {"keys": k, "values": total - k}
+            return {s: _finest_within(self.curves[s], budget / 2) for s in STREAMS}
+        best, best_score = None, float("inf")
+        for key in self.curves["keys"]:
+            value = _finest_within(self.curves["values"], budget - key.bytes_per_token)
+            score = key_weight * key.error / self.energy["keys"] + value.error / self.energy["values"]
+            if key.bytes_per_token + value.bytes_per_token <= budget and score < best_score:
+                best, best_score = {"keys": key, "values": value}, score
+        return best or {s: self.curves[s][0] for s in STREAMS}
+
+
+def _finest_within(front: list[CurvePoint], budget: float) -> CurvePoint:
+    """The least-error point of a Pareto front within ``budget`` bytes per token (else the coarsest)."""
+    fitting = [p for p in front if p.bytes_per_token <= budget]
+    return fitting[-1] if fitting else front[0]
 
 
 def assemble(*, model_id: str, kv_heads: int, head_dim: int, rope: RopeTable, streams: dict[str, StreamBasis],
@@ -173,7 +177,7 @@ def fit_calibration(
     key_weight: float | None = None,
     info: dict | None = None,
 ) -> Calibration:
-    """Build a calibration in one go (PCA on ``fit_batches``, DP on ``heldout``; see :class:`Planner`).
+    """Build a calibration in one go (PCA on ``fit_batches``, curves on ``heldout``; see :class:`Planner`).
 
     Sinks and recent-window tokens should be left out of both.
     """

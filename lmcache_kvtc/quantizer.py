@@ -1,80 +1,54 @@
-"""Per-token, per-block uniform quantization of PCA coefficients, and symbol packing.
+"""Uniform scalar quantization of PCA coefficients: one step per stream and plan, no side information.
 
-Each block of consecutive components of one token gets its own fp16 shift (the block
-minimum) and fp16 scale (range / (2^bits - 1)), so every token decodes on its own.
-The same function quantizes at encode time and simulates the error for the bit
-allocation, so the plan's predicted error is the error the codec makes.
+Each kept component of a token is rounded to a multiple of the plan's step. Under a squared-error
+objective one step for every component is what reverse water-filling prescribes (components whose
+spread is well below the step are dropped), and it needs nothing per token: the per-token min/max of
+the previous format cost 32 bits per block per token and wasted levels on fixed-width codes. The
+symbols of low-variance components are mostly 0 and ±1, which DEFLATE's Huffman stage codes in close
+to their entropy.
+
+Symbol stream of ``n`` tokens (component-major, so each Huffman table sees components of similar
+spread): the low bytes of all ``rank`` components (``[rank, n]``, two's complement), then the high
+bytes of the first ``wide`` components (``[wide, n]``). Narrow components are clamped to int8, wide
+ones to int16; a component is wide when its calibrated spread would overflow int8.
 """
 
 from __future__ import annotations
 
 import torch
 
-#: widths the bit allocation may choose; 0 means "dropped" (reconstructed as the mean).
-BIT_WIDTHS = (0, 2, 4, 8)
-#: fp16 shift + fp16 scale per block per token.
-SIDE_BITS = 32
-FP16_MAX = 65504.0
+#: a component is wide (int16) if this many standard deviations exceed int8's range in steps
+WIDE_SIGMAS = 8.0
+NARROW_LIMIT = 127
+WIDE_LIMIT = 32767
 
 
-def quantize(x: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize ``x[..., blocks, size]`` with per-block ``bits[blocks]``.
-
-    Returns ``(codes uint8 like x, shift fp16 [..., blocks], scale fp16 [..., blocks])``.
-    """
-    levels = (2.0 ** bits.to(x.device, torch.float32) - 1.0)
-    lo = x.amin(dim=-1)
-    hi = x.amax(dim=-1)
-    shift = lo.to(torch.float16)
-    scale = ((hi - shift.float()) / levels).to(torch.float16)
-    step = scale.float().unsqueeze(-1)
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.round((x - shift.float().unsqueeze(-1)) / safe)
-    codes = torch.minimum(codes.clamp_(min=0), levels.unsqueeze(-1))
-    codes = torch.where(step > 0, codes, torch.zeros_like(codes))
-    return codes.to(torch.uint8), shift, scale
+def wide_count(sigmas: torch.Tensor, step: float, rank: int) -> int:
+    """How many leading components (``sigmas`` decreasing) need int16 symbols at ``step``."""
+    return int((sigmas[:rank] * WIDE_SIGMAS > NARROW_LIMIT * step).sum())
 
 
-def dequantize(codes: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`quantize` (fp32)."""
-    return shift.float().unsqueeze(-1) + codes.float() * scale.float().unsqueeze(-1)
+def section_size(rank: int, wide: int, tokens: int) -> int:
+    """Bytes of the symbol stream of ``tokens`` tokens."""
+    return (rank + wide) * tokens
 
 
-def squared_error(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Sum over tokens and components of the squared error of quantizing ``x[tokens, blocks, size]``.
-
-    Returns one value per block (fp64); ``bits == 0`` is the error of dropping the block.
-    """
-    if bits == 0:
-        return x.double().square().sum(dim=(0, 2))
-    codes, shift, scale = quantize(x, torch.full((x.shape[1],), bits))
-    return (dequantize(codes, shift, scale) - x).double().square().sum(dim=(0, 2))
-
-
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack rows of codes ``[rows, n]`` along ``n`` into whole bytes (1, 2 or 4 per byte).
-
-    Widths that divide 8 keep symbols byte-aligned, which DEFLATE's byte Huffman likes.
-    """
-    per_byte = 8 // bits
-    rows, n = codes.shape
-    padded = -(-n // per_byte) * per_byte
-    if padded != n:
-        codes = torch.cat((codes, codes.new_zeros(rows, padded - n)), dim=1)
-    grouped = codes.reshape(rows, padded // per_byte, per_byte).to(torch.int32)
-    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
-    return (grouped << shifts).sum(dim=-1).to(torch.uint8)
+def quantize(coefficients: torch.Tensor, step: float, wide: int) -> torch.Tensor:
+    """``[n, rank]`` fp32 coefficients -> the uint8 symbol stream (see the module docstring)."""
+    symbols = torch.round(coefficients.T / step)
+    symbols[:wide].clamp_(-WIDE_LIMIT, WIDE_LIMIT)
+    symbols[wide:].clamp_(-NARROW_LIMIT, NARROW_LIMIT)
+    symbols = symbols.to(torch.int16)
+    low = (symbols & 0xFF).to(torch.uint8)
+    high = ((symbols[:wide] >> 8) & 0xFF).to(torch.uint8)
+    return torch.cat((low.reshape(-1), high.reshape(-1)))
 
 
-def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: ``[rows, bytes] -> [rows, n]`` uint8 codes."""
-    per_byte = 8 // bits
-    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
-    mask = (1 << bits) - 1
-    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & mask
-    return codes.reshape(packed.shape[0], -1)[:, :n].to(torch.uint8)
-
-
-def packed_size(rows: int, n: int, bits: int) -> int:
-    """Bytes :func:`pack` produces for ``rows`` rows of ``n`` codes."""
-    return rows * -(-n // (8 // bits))
+def dequantize(stream: torch.Tensor, step: float, rank: int, wide: int, tokens: int) -> torch.Tensor:
+    """Inverse of :func:`quantize`: the uint8 stream of ``section_size`` bytes -> ``[n, rank]`` fp32."""
+    low = stream[: rank * tokens].view(rank, tokens)
+    high = stream[rank * tokens :].view(wide, tokens)
+    symbols = low.view(torch.int8).to(torch.int32)
+    if wide:
+        symbols[:wide] = low[:wide].to(torch.int32) + high.view(torch.int8).to(torch.int32) * 256
+    return (symbols.float() * step).T

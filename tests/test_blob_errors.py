@@ -64,10 +64,11 @@ def test_foreign_bytes_and_versions_are_refused(codec_and_blob):
     for foreign in (b"", b"PK\x03\x04" + bytes(200), bytes(1000), b"\x80\x04\x95" + bytes(50)):
         with pytest.raises(ForeignBlobError):
             codec.decode(foreign)
-    newer = bytearray(blob)
-    newer[4:6] = struct.pack("<H", 99)
-    with pytest.raises(ForeignBlobError, match="version"):
-        codec.decode(bytes(newer))
+    for version in (1, 99):  # 1: the per-token min/max format of earlier releases
+        other = bytearray(blob)
+        other[4:6] = struct.pack("<H", version)
+        with pytest.raises(ForeignBlobError, match=f"version {version}"):
+            codec.decode(bytes(other))
 
 
 def _forge(blob: bytes, **changes) -> bytes:
@@ -105,6 +106,24 @@ def test_forged_payload_that_inflates_wrongly_is_refused(codec_and_blob):
                                  payload_crc=zlib.crc32(forged_payload))
     with pytest.raises(CorruptBlobError):
         codec.decode(forged.to_bytes() + forged_payload)
+
+
+@pytest.mark.parametrize("fill", [0x7F, 0x80])
+def test_forged_extreme_symbols_never_decode_to_non_finite_kv(codec_and_blob, fill):
+    """A payload rewritten (CRCs valid) so that every symbol is int8's extreme: finite KV or a CodecError."""
+    codec, blob, _ = codec_and_blob
+    header, payload = wire.parse(blob)
+    exact = 2 * header.layers * (header.exact_head + header.exact_tail) * header.hidden * header.dtype.itemsize
+    stream = codec.coder.decompress(payload, header.chunks, header.stream_size)
+    stream[exact:] = bytes([fill]) * (len(stream) - exact)
+    forged_payload, chunks = codec.coder.compress([bytes(stream[:exact]), bytes(stream[exact:])])
+    forged = dataclasses.replace(header, chunks=chunks, payload_size=len(forged_payload),
+                                 payload_crc=zlib.crc32(forged_payload))
+    try:
+        out = codec.decode(forged.to_bytes() + forged_payload)
+    except CodecError:
+        return
+    assert torch.isfinite(out).all()
 
 
 def test_wrong_shapes_dtypes_and_values_are_refused(codec_and_blob):

@@ -59,13 +59,16 @@ def test_inconsistent_plans_are_refused(small_calibration_path, tmp_path):
     tensors = load_file(str(small_calibration_path))
     with safe_open(str(small_calibration_path), "pt") as f:
         meta = json.loads(f.metadata()["kvtc"])
-    meta["plans"][0]["blocks"]["keys"].append([10**6, 64, 4])  # beyond the basis
     path = tmp_path / "bad-plan.safetensors"
-    save_file(tensors, str(path), metadata={"kvtc": json.dumps(meta)})
-    with pytest.raises(CalibrationError, match="components"):
-        Calibration.load(path)
+    keys = meta["plans"][0]["streams"]["keys"]
+    for field, value, message in (("rank", 10**6, "components"), ("step", -1.0, "invalid"),
+                                  ("step", float("nan"), "invalid"), ("wide", 10**6, "invalid")):
+        saved, keys[field] = keys[field], value
+        save_file(tensors, str(path), metadata={"kvtc": json.dumps(meta)})
+        with pytest.raises(CalibrationError, match=message):
+            Calibration.load(path)
+        keys[field] = saved
     tensors["keys.basis"] = tensors["keys.basis"][:10]
-    meta["plans"][0]["blocks"]["keys"].pop()
     save_file(tensors, str(path), metadata={"kvtc": json.dumps(meta)})
     with pytest.raises(CalibrationError, match="features"):
         Calibration.load(path)

@@ -21,7 +21,8 @@ def test_roundtrip_main_job_reports_honest_sizes_and_small_loss(small_calibratio
     sizes = result["blob"]["bytes"]
     assert sizes["blob"] == len(blob) and sizes["raw"] == 2 * 24 * 512 * 128 * 2
     assert result["exact_tokens_identical"]
-    assert 16 * 0.97 <= result["blob"]["ratio"]["region_pre_entropy"] <= result["blob"]["ratio"]["region"]
+    assert result["blob"]["ratio"]["region_pre_entropy"] < result["blob"]["ratio"]["region"] / 2
+    assert 8 < result["blob"]["ratio"]["region"] < 32
     assert result["blob"]["ratio"]["overall"] == pytest.approx(sizes["raw"] / len(blob))
     assert 0 < result["relative_error"]["keys"] < 0.2 and 0 < result["relative_error"]["values"] < 0.6
     assert abs(result["quality"]["delta_nll"]) < 0.5 and result["quality"]["kl"] < 0.5

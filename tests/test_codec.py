@@ -39,7 +39,9 @@ def test_higher_ratio_means_smaller_blob_and_larger_error(small_calibration, eva
         sizes.append(len(blob))
         errors.append(_relative_squared_error(kv[1], codec.decode(blob)[1]))
         info = describe(blob)
-        assert info["ratio"]["region_pre_entropy"] >= ratio * 0.97  # budget counts all side info
+        # the plan's ratio is what it coded to on held-out calibration text; DEFLATE is where it is won
+        assert ratio / 2 < info["ratio"]["region"] < ratio * 2
+        assert info["ratio"]["region_pre_entropy"] < info["ratio"]["region"] / 2
     assert sizes == sorted(sizes, reverse=True)
     assert errors == sorted(errors)
 

@@ -42,19 +42,26 @@ def test_identity_rope_leaves_keys_as_cached(eval_kv, small_calibration):
     assert not torch.allclose(derotated[0], features[0])
 
 
-def test_greedy_plans_fit_the_same_budget_and_predict_more_error(rng):
+def test_plans_fit_their_budget_on_held_out_tokens_and_the_split_follows_the_key_weight(rng):
     x = _correlated(rng, 3000, groups=8, size=32) * torch.logspace(0, -2, 256)
-    features = torch.stack((x, x.flip(1)))  # [2, N, p]
+    features = torch.stack((x, x.flip(1) * 0.5))  # [2, N, p]
     streams = {}
     for i, s in enumerate(("keys", "values")):
         acc = FeatureCovariance(256)
         acc.add(features[i, :2000])
         streams[s] = acc.pca()
-    planner = Planner(streams, features[:, 2000:], min_ratio=8)
-    for dp, greedy in zip(planner.plans((8, 16)), planner.plans((8, 16), greedy=True), strict=True):
-        for s in ("keys", "values"):
-            assert greedy.bits_per_token(s) <= 16 * 256 // dp.ratio
-            assert dp.expected_error[s] <= greedy.expected_error[s] * (1 + 1e-9)
+    planner = Planner(streams, features[:, 2000:], min_ratio=4)
+    even, keyed = planner.plans((4, 8, 16)), planner.plans((4, 8, 16), key_weight=64.0)
+    for plans in (even, keyed):
+        for finer, coarser in zip(plans, plans[1:], strict=False):
+            total = sum(coarser.bits_per_token(s) for s in ("keys", "values"))
+            assert total <= 2 * 16 * 256 / coarser.ratio  # coded bits on the held-out tokens, K and V together
+            assert sum(finer.expected_error.values()) < sum(coarser.expected_error.values())
+    for plan in even:
+        assert all(plan.bits_per_token(s) <= 16 * 256 / plan.ratio for s in ("keys", "values"))
+    for a, b in zip(even, keyed, strict=True):  # weighting the keys' error moves bits to the keys
+        assert b.expected_error["keys"] < a.expected_error["keys"]
+        assert b.bits_per_token("keys") > a.bits_per_token("keys")
 
 
 def test_layer_scaling_evens_out_relative_error_across_layers_and_inverts_exactly(rng):
