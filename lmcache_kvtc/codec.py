@@ -19,11 +19,14 @@ import torch
 
 from . import blob as wire
 from .calibration import STREAMS, Calibration
-from .entropy import CHUNK_SIZE, CODER_RAW_DEFLATE, DeflateCPU
+from .entropy import CHUNK_ALIGNMENT, CHUNK_SIZE, CODER_RAW_DEFLATE, DeflateCPU
 from .entropy_gpu import DeflateNvcomp, select_coder
 from .errors import CalibrationMismatchError, CorruptBlobError, ForeignBlobError, LayoutError
 from .quantizer import WIDE_LIMIT, dequantize, quantize, section_size
 from .rope import RopeTable
+
+#: how much more than on held-out text a chunk's symbols may take within :meth:`KVTCCodec.typical_size`
+TYPICAL_MARGIN = 1.25
 
 
 @dataclass
@@ -178,18 +181,30 @@ class KVTCCodec:
     def max_blob_size(self, tokens: int, exact_head: int = 0, exact_tail: int = 0, dtype=torch.bfloat16,
                       plan_id: int | None = None) -> int:
         """Upper bound of ``len(encode(...))`` for a plan (default: this codec's) and layout, DEFLATE worst
-        case included. Depends only on the layout and the plan, as LMCache 0.5.6's fixed-size adapters need.
-        """
+        case included (its symbols at one byte each: ~4× what they typically code to). Depends only on the
+        layout and the plan."""
         cal = self.calibration
         plan_id = self.plan_id if plan_id is None else plan_id
         if plan_id is None:
             raise LayoutError("max_blob_size needs a plan_id: this codec has no plan of its own")
         n = tokens - exact_head - exact_tail
-        exact = 2 * cal.layers * (exact_head + exact_tail) * cal.hidden * dtype.itemsize
-        stream = self._section_size(plan_id, n) if n > 0 else 0
-        chunks = -(-exact // CHUNK_SIZE) + -(-stream // CHUNK_SIZE)
-        deflate_bound = exact + stream + chunks * (CHUNK_SIZE >> 12) + chunks * (64 + 16)
-        return wire.header_size(len(cal.model_id.encode()), chunks) + deflate_bound
+        exact, exact_chunks = _deflate_bound(2 * cal.layers * (exact_head + exact_tail) * cal.hidden * dtype.itemsize)
+        stream, stream_chunks = _deflate_bound(self._section_size(plan_id, n) if n > 0 else 0)
+        return wire.header_size(len(cal.model_id.encode()), exact_chunks + stream_chunks) + exact + stream
+
+    def typical_size(self, tokens: int, exact_head: int = 0, dtype=torch.bfloat16, plan_id: int | None = None,
+                     margin: float = TYPICAL_MARGIN) -> int:
+        """A budget ``plan_id`` fits in on KV like the calibration's: exact tokens at DEFLATE's worst case, symbols
+        at ``margin`` × what they took on held-out text (entropy-coded symbols have no useful worst case: the
+        bound of :meth:`max_blob_size` is ~4× their typical size). A chunk that still does not fit is refused."""
+        cal = self.calibration
+        plan_id = self.plan_id if plan_id is None else plan_id
+        head = min(exact_head, tokens)
+        exact, exact_chunks = _deflate_bound(2 * cal.layers * head * cal.hidden * dtype.itemsize)
+        symbols = margin * (tokens - head) * sum(cal.plans[plan_id].bits_per_token(s) for s in STREAMS) / 8
+        stream_chunks = -(-self._section_size(plan_id, tokens - head) // CHUNK_SIZE)
+        return (wire.header_size(len(cal.model_id.encode()), exact_chunks + stream_chunks) + exact
+                + int(symbols) + stream_chunks * CHUNK_ALIGNMENT)
 
     # -- decode ---------------------------------------------------------------------------
     def decode(self, blob: bytes | bytearray | memoryview) -> torch.Tensor:
@@ -257,6 +272,12 @@ def _check_chunks(h: wire.BlobHeader, exact_bytes: int, stream_bytes: int) -> No
         raise CorruptBlobError(
             f"chunk index declares {h.stream_size} bytes; the layout implies {exact_bytes} + {stream_bytes}"
         )
+
+
+def _deflate_bound(raw: int) -> tuple[int, int]:
+    """Worst-case payload bytes (alignment included) and chunk count of ``raw`` bytes in raw DEFLATE chunks."""
+    chunks = -(-raw // CHUNK_SIZE)
+    return raw + chunks * ((CHUNK_SIZE >> 12) + 64 + 16), chunks
 
 
 def _to_bytes(t: torch.Tensor) -> bytes:

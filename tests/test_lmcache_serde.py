@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import struct
 import subprocess
 import sys
 
@@ -192,7 +193,8 @@ def test_calibration_selection_by_model_rank_and_group(tmp_path, small_calibrati
 def test_a_damaged_multi_group_container_is_refused(engine, chunks):
     _, dst, _ = roundtrip(engine, [chunks[0], chunks[1]])
     data = bytes(dst.byte_array)
-    for bad in (data[:6], data[:20], b"KVTG\x01\x00\x03\x00" + data[8:], data[:-100000]):
+    content = 24 + sum(struct.unpack_from("<QQ", data, 8))  # container header and both blobs; zeros follow
+    for bad in (data[:6], data[:20], b"KVTG\x01\x00\x03\x00" + data[8:], data[: content - 1000]):
         out = memory_obj([torch.full_like(chunks[0], 7), torch.full_like(chunks[1], 7)])
         with pytest.raises(CodecError):
             src = memory_obj([torch.frombuffer(bytearray(bad), dtype=torch.uint8)])

@@ -55,15 +55,23 @@ def test_a_budget_no_plan_can_meet_and_a_missing_budget_are_refused(small_calibr
         codec.encode(chunk)
 
 
-def test_an_object_too_small_for_its_ratio_gets_the_smallest_budget_that_always_fits(small_calibration_path,
-                                                                                    eval_kv):
+def test_an_object_too_small_for_its_ratio_gets_its_coarsest_plans_typical_size_and_gives_up_exact_sinks(
+        small_calibration_path, eval_kv):
     from lmcache_kvtc.lmcache.engine import KVTCEngine
     from lmcache_kvtc.lmcache.options import SerdeOptions
 
-    engine = KVTCEngine(SerdeOptions(calibration=str(small_calibration_path)))
-    chunk = eval_kv[0][:, :, :3].contiguous()
-    (budget,) = engine.budgets([chunk.shape], [chunk.dtype])
-    assert budget > chunk.numel() * 2 // 16
-    assert len(engine.encode([chunk], key=None)) <= budget
-    noise = (torch.randn(chunk.shape, generator=torch.Generator().manual_seed(5)) * 4).to(chunk.dtype)
-    assert len(engine.encode([noise], key=None)) <= budget
+    engine = KVTCEngine(SerdeOptions(calibration=str(small_calibration_path), ratio=64))  # coarsest plan: 32×
+    first = eval_kv[0][:, :, :256].contiguous()  # at 64× its 4 exact sinks alone would take 1/64 of bf16
+    (budget,) = engine.budgets([first.shape], [first.dtype])
+    assert first.numel() * 2 // 64 < budget < first.numel() * 2 // 16  # the floor, not the ratio's share
+    blob = engine.encode([first], key=None)
+    assert len(blob) <= budget and wire.parse(blob)[0].exact_head == 0
+    tiny = eval_kv[0][:, :, 300:303].contiguous()
+    (budget,) = engine.budgets([tiny.shape], [tiny.dtype])
+    assert len(engine.encode([tiny], key=None)) <= budget
+    for scale in (1, 4, 64):  # noise far from the calibration fits or is refused; never over budget
+        noise = (torch.randn(tiny.shape, generator=torch.Generator().manual_seed(5)) * scale).to(tiny.dtype)
+        try:
+            assert len(engine.encode([noise], key=None)) <= budget
+        except LayoutError:
+            assert scale > 1

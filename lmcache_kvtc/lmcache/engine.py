@@ -23,7 +23,7 @@ from lmcache.v1.distributed.api import ObjectKey
 from .. import blob as wire
 from ..calibration import Calibration
 from ..codec import KVTCCodec
-from ..errors import CodecError, CorruptBlobError
+from ..errors import CodecError, CorruptBlobError, LayoutError
 from . import vllm_cpu
 from .calibrations import CalibrationSet
 from .layouts import GroupLayout, UnsupportedLayoutError, classify, from_split, to_split
@@ -125,21 +125,18 @@ class KVTCEngine:
         return layouts
 
     def group_floor(self, layout: GroupLayout) -> int:
-        """The smallest budget in which every fitting calibration can always code this group (sinks included):
-        the worst case of its coarsest plan."""
+        """The smallest budget this group gets: what every fitting calibration's coarsest plan typically needs
+        (``KVTCCodec.typical_size``; a chunk whose exact sinks do not fit gives them up). Only tiny objects or
+        extreme ratios reach it."""
         fitting = self.calibrations.fitting(layout.layers, layout.hidden)
         if not fitting:
             raise UnsupportedLayoutError(
                 f"no kvtc calibration in {self.calibrations.origin} fits {layout.layers} layers × "
                 f"{layout.hidden} K/V width"
             )
-        head = min(self.options.sinks, layout.tokens)
-        return max(
-            min(self.codec(c).max_blob_size(layout.tokens, exact_head=h, dtype=layout.dtype, plan_id=p)
-                for p in range(len(c.plans)))
-            for c in fitting
-            for h in {0, head}
-        )
+        return max(min(self.codec(c).typical_size(layout.tokens, dtype=layout.dtype, plan_id=p)
+                       for p in range(len(c.plans)))
+                   for c in fitting)
 
     def budgets(self, shapes, dtypes) -> list[int]:
         """Bytes each kernel group may take: together ``floor(raw bytes / ratio)`` including the container
@@ -181,8 +178,14 @@ class KVTCEngine:
             kv = to_split(tensor, layout, calibration.head_dim)
             guess = self.estimator(calibration).estimate(kv[0], options.chunk_size or layout.tokens)
             flags = wire.FLAG_START_ESTIMATED | (wire.FLAG_PADDED if options.fixed_size and len(layouts) == 1 else 0)
-            blob = self.codec(calibration).encode(kv, start=guess.start, sinks=options.sinks, window=0, flags=flags,
-                                                  budget=budget)
+            codec = self.codec(calibration)
+            try:
+                blob = codec.encode(kv, start=guess.start, sinks=options.sinks, window=0, flags=flags, budget=budget)
+            except LayoutError:
+                if guess.start >= options.sinks:
+                    raise
+                # exact sinks do not fit this budget (extreme ratios): code them like every other token
+                blob = codec.encode(kv, start=guess.start, sinks=0, window=0, flags=flags, budget=budget)
             blobs.append(blob)
             if _observers:  # reports and tests only: keep the header parse off the serving path
                 plan_ratio = calibration.plans[wire.parse(blob)[0].plan].ratio

@@ -7,7 +7,7 @@ is coded at an *estimated* base position (:mod:`.position`), stored in the blob 
 
 0.5.6's ``fs``/``resp`` adapters only load objects of exactly ``estimate_serialized_size`` bytes,
 so with ``fixed_size`` (the default) every blob is zero-padded to that size, which depends only on
-the layout and the kwargs (``KVTCCodec.max_blob_size``). Anything the serde cannot code raises,
+the layout and the kwargs (the ratio's byte budget). Anything the serde cannot code raises,
 which LMCache turns into a failed store (a cache miss); a blob that fails validation on load
 turns the load into a miss. Never wrong KV.
 
