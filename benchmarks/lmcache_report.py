@@ -205,8 +205,9 @@ def markdown(report: dict) -> str:
     for label, limits in (("KL ≤ 0.03 and ΔNLL ≤ 0.03", {"kl": 0.03, "delta_nll": 0.03}),
                           ("KL ≤ 0.06", {"kl": 0.06})):
         best = largest_within(summary, limits)
-        found = f"{best['method']}: {best['stored_ratio']:.1f}× (KL {best['kl']:.4f}, ΔNLL {best['delta_nll']:+.4f})"
-        lines.append(f"- largest kvtc stored ratio with {label}: {found if best else 'none'}")
+        found = (f"{best['method']}: {best['stored_ratio']:.1f}× (KL {best['kl']:.4f}, ΔNLL {best['delta_nll']:+.4f})"
+                 if best else "none")
+        lines.append(f"- largest kvtc stored ratio with {label}: {found}")
     lines += ["", "| method | stored B/chunk (ratio) | plans chosen (min/median/max) | positions | KL | ΔNLL | top-1 "
               "| KV rel.err |", "|---|---|---|---|---|---|---|---|"]
     for s in sorted(summary, key=lambda s: (s["kind"] == "standalone", s.get("stored_ratio", 0))):
