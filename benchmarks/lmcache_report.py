@@ -116,7 +116,7 @@ def path_methods(calibration_path: Path, ratios: list[float], head_dim: int, sta
 def quality_runs(model, tokenizer, methods: list[PathMethod], n_contexts: int, prefix: int,
                  continuation_tokens: int) -> list[dict]:
     rows = []
-    for source in SOURCES:
+    for source in SOURCES if n_contexts else ():
         docs = texts.python_docs() if source == "python-docs" else texts.kjv()
         for ids in texts.token_contexts(tokenizer, docs, n_contexts, prefix + continuation_tokens, seed=21):
             kv, _ = prefill(model, ids[:prefix], logits_to_keep=1)
@@ -263,12 +263,26 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write(report: dict, out: Path | None) -> None:
+    """``out``.json, .md and .png (names like "…-0.5b-…" have no suffix to replace: append)."""
+    if out is None:
+        return
+    paths = {ext: out.parent / f"{out.name}.{ext}" for ext in ("json", "md", "png")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths["json"].write_text(json.dumps(report, indent=1))
+    paths["md"].write_text(f"# {report['model']} through LMCache 0.5.6\n\n`{report['command']}`\n\n"
+                           f"{markdown(report)}\n" + (f"![KL and ΔNLL vs stored ratio]({paths['png'].name})\n"
+                                                      if report["summary"] else ""))
+    if report["summary"]:  # a retrieval-only run (--contexts 0) has no curve to draw
+        plot(report, paths["png"])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="kvtc bench --lmcache", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=MODEL, help=f"offline model name (default {MODEL})")
     parser.add_argument("--calibration", type=Path, help="calibration file (default: the model's embedded default)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[8, 12, 16, 20, 24, 32])
-    parser.add_argument("--contexts", type=int, default=2, help="contexts per text source")
+    parser.add_argument("--contexts", type=int, default=2, help="contexts per text source (0: retrieval only)")
     parser.add_argument("--prefix", type=int, default=2048)
     parser.add_argument("--continuation", type=int, default=512)
     parser.add_argument("--keys", type=int, default=4, help="keys per retrieval prompt (0: no retrieval test)")
@@ -292,17 +306,12 @@ def main(argv=None) -> None:
               "summary": summarize(rows), "rows": rows,
               "hit_rates": hit_rates(model, tokenizer, calibration_path, args.long, args.max_positions)
               if args.long else []}
+    write(report, args.out)  # the quality rows are kept even if the retrieval test is stopped
     if args.keys:
         report["retrieval"] = retrieval_runs(model, tokenizer, methods, args.prefix, args.keys, args.depths,
                                              args.trials)
+        write(report, args.out)
     table = markdown(report)
-    if args.out:  # names like "…-0.5b-…" have no suffix to replace: append
-        out = {ext: args.out.parent / f"{args.out.name}.{ext}" for ext in ("json", "md", "png")}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        out["json"].write_text(json.dumps(report, indent=1))
-        out["md"].write_text(f"# {args.model} through LMCache 0.5.6\n\n`{report['command']}`\n\n{table}\n"
-                             f"![KL and ΔNLL vs stored ratio]({out['png'].name})\n")
-        plot(report, out["png"])
     print(table)
 
 

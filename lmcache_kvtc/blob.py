@@ -18,7 +18,7 @@ Wire format (version 2), all integers little-endian::
     40     4     hidden (kv_heads × head_dim)
     44     4     exact_head: leading tokens stored exactly (attention sinks)
     48     4     exact_tail: trailing tokens stored exactly (recent window)
-    52     8     start: sequence position of the first token (signed)
+    52     8     start: sequence position of the first token (0 ≤ start, start + tokens ≤ 2^40)
     60     4     n_chunks
     64     8     payload_size (bytes after the header)
     72     4     CRC32 of the payload
@@ -57,6 +57,8 @@ _CHUNK = struct.Struct("<QII")
 _CRC = struct.Struct("<I")
 MAX_HEADER_SIZE = 1 << 20
 MAX_TOKENS = 1 << 22
+#: positions beyond any model's context; keeps ``start + tokens`` far from int64 overflow in the decoder
+MAX_POSITION = 1 << 40
 
 DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2}
 DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -148,6 +150,8 @@ def parse(blob: bytes | bytearray | memoryview) -> tuple[BlobHeader, memoryview]
 def _check_sizes(h: BlobHeader) -> None:
     if h.tokens > MAX_TOKENS or h.exact_head + h.exact_tail > h.tokens:
         raise CorruptBlobError(f"implausible token counts ({h.tokens} tokens, {h.exact_head}+{h.exact_tail} exact)")
+    if not 0 <= h.start <= MAX_POSITION - h.tokens:
+        raise CorruptBlobError(f"implausible start position {h.start}")
     position = 0
     for i, c in enumerate(h.chunks):
         if c.offset < position or c.offset + c.compressed > h.payload_size:

@@ -164,6 +164,8 @@ class KVTCCodec:
             raise LayoutError(f"token count {kv.shape[2]} out of range")
         if start < 0 or sinks < 0 or window < 0:
             raise LayoutError("start, sinks and window must be non-negative")
+        if start + kv.shape[2] > wire.MAX_POSITION:
+            raise LayoutError(f"positions up to {start + kv.shape[2]} exceed {wire.MAX_POSITION}")
 
     def _features(self, kv: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         features = token_features(kv, positions, self.calibration.rope)

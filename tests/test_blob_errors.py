@@ -87,6 +87,9 @@ def test_forged_headers_with_valid_crcs_are_refused_before_allocating(codec_and_
         {"layers": 3},
         {"plan": 7},
         {"kv_size": 1},
+        {"start": -5},
+        {"start": (1 << 63) - 10},  # positions would overflow int64 in the decoder
+        {"start": wire.MAX_POSITION},
     ):
         with pytest.raises(CodecError):
             codec.decode(_forge(blob, **changes))
@@ -147,3 +150,5 @@ def test_wrong_shapes_dtypes_and_values_are_refused(codec_and_blob):
         codec.encode(poisoned)
     with pytest.raises(LayoutError):
         codec.encode(kv, start=-1)
+    with pytest.raises(LayoutError, match="exceed"):
+        codec.encode(kv, start=wire.MAX_POSITION)

@@ -138,3 +138,33 @@ def test_launcher_runs_lmcache_server_with_kvtc_and_plain_lmcache_cannot(small_c
     ok, text = _run_until([sys.executable, "-m", "lmcache.cli.main", "server", *args],
                           "LMCache cache server is running", tmp_path)
     assert not ok and "Unknown serde type 'kvtc'" in text
+
+
+def test_loader_adapter_forwards_the_calls_lmcache_057_adds(tmp_path):
+    """LMCache 0.5.7 makes ``get_memory_tags`` abstract and adds ``submit_touch``: the wrapper must delegate both.
+
+    0.5.6 is pinned and its adapters have neither, so the inner adapter is a real 0.5.6 ``fs`` adapter given the
+    two 0.5.7 methods (the stand-in); a touch on a plain 0.5.6 adapter is a no-op, not an error.
+    """
+    from lmcache.v1.distributed.l2_adapters import create_l2_adapter
+
+    from lmcache_kvtc.lmcache.loader import KVTCLoaderAdapter, inner_config
+    from lmcache_kvtc.lmcache.reconnect import ReconnectingAdapter
+
+    params = {"inner": {"type": "fs", "base_path": str(tmp_path / "plain")}}
+    plain = KVTCLoaderAdapter(params)
+    try:
+        plain.submit_touch([])
+    finally:
+        plain.close()
+    inner = create_l2_adapter(inner_config({"inner": {"type": "fs", "base_path": str(tmp_path / "057")}}), None)
+    touched: list = []
+    inner.get_memory_tags = lambda: "remote"
+    inner.submit_touch = touched.append
+    adapter = ReconnectingAdapter(lambda: inner, retry_seconds=0)
+    try:
+        keys = [object()]
+        adapter.submit_touch(keys)
+        assert touched == [keys] and adapter.get_memory_tags() == "remote"
+    finally:
+        adapter.close()

@@ -226,6 +226,17 @@ class ReconnectingAdapter(L2AdapterInterface):
         status["kvtc_reconnect"] = {"backend_up": self._healthy, "rebuilds": self._generation}
         return status
 
+    # -- LMCache 0.5.7 adds these to the interface (0.5.6 never calls them) ----------------
+    def get_memory_tags(self):
+        """Where the inner adapter keeps its bytes (abstract in 0.5.7)."""
+        return self._inner.get_memory_tags()
+
+    def submit_touch(self, keys) -> None:
+        """Pass an access mark to the inner adapter's eviction (0.5.6's adapters have none)."""
+        touch = getattr(self._inner, "submit_touch", None)
+        if touch is not None and self._healthy:
+            touch(keys)
+
     def close(self) -> None:
         self._stop.set()
         self._wake.notify()
