@@ -202,14 +202,17 @@ def markdown(report: dict) -> str:
              f"{CHUNK}-token chunks, next {report['continuation']} tokens teacher-forced. Stored = every byte "
              "LMCache keeps per chunk (kvtc: its fixed-size object); baselines in-process are charged their "
              "codes + scales. Mean [min–max] over contexts.", ""]
+    if not summary:  # --contexts 0
+        lines = [f"Calibration: `{report['calibration']}` ({report['calibration_source']}); retrieval test only."]
     for label, limits in (("KL ≤ 0.03 and ΔNLL ≤ 0.03", {"kl": 0.03, "delta_nll": 0.03}),
-                          ("KL ≤ 0.06", {"kl": 0.06})):
+                          ("KL ≤ 0.06", {"kl": 0.06})) if summary else ():
         best = largest_within(summary, limits)
         found = (f"{best['method']}: {best['stored_ratio']:.1f}× (KL {best['kl']:.4f}, ΔNLL {best['delta_nll']:+.4f})"
                  if best else "none")
         lines.append(f"- largest kvtc stored ratio with {label}: {found}")
-    lines += ["", "| method | stored B/chunk (ratio) | plans chosen (min/median/max) | positions | KL | ΔNLL | top-1 "
-              "| KV rel.err |", "|---|---|---|---|---|---|---|---|"]
+    if summary:
+        lines += ["", "| method | stored B/chunk (ratio) | plans chosen (min/median/max) | positions | KL | ΔNLL "
+                  "| top-1 | KV rel.err |", "|---|---|---|---|---|---|---|---|"]
     for s in sorted(summary, key=lambda s: (s["kind"] == "standalone", s.get("stored_ratio", 0))):
         if "stored_ratio" in s:
             stored = f"{s['stored_bytes_per_chunk']:,.0f} ({s['stored_ratio']:.1f}×)"
