@@ -94,6 +94,8 @@ class KVTCCodec:
         head = min(max(sinks - start, 0), tokens)
         tail = min(window, tokens - head)
         exact = torch.cat((kv[:, :, :head], kv[:, :, tokens - tail :]), dim=2)
+        if not torch.isfinite(exact).all():  # decode refuses non-finite KV: never store what cannot come back
+            raise LayoutError("KV contains NaN or infinity")
         coefficients = {}
         if tokens - head - tail:
             positions = torch.arange(start + head, start + tokens - tail, device=self.device)
@@ -209,10 +211,17 @@ class KVTCCodec:
                 + int(symbols) + stream_chunks * CHUNK_ALIGNMENT)
 
     # -- decode ---------------------------------------------------------------------------
-    def decode(self, blob: bytes | bytearray | memoryview) -> torch.Tensor:
-        """Reconstruct the ``[2, L, T, H·D]`` tensor; raises a :class:`CodecError` on any bad blob."""
+    def decode(self, blob: bytes | bytearray | memoryview, tokens: int | None = None) -> torch.Tensor:
+        """Reconstruct the ``[2, L, T, H·D]`` tensor; raises a :class:`CodecError` on any bad blob.
+
+        ``tokens``: the token count the caller expects, checked before anything is allocated. Give it for blobs
+        from shared storage: otherwise a forged blob may make decode allocate up to what its header declares
+        (at most ``blob.MAX_TOKENS`` tokens of this calibration's layout).
+        """
         header, payload = wire.parse(blob)
         self._check_header(header)
+        if tokens is not None and header.tokens != tokens:
+            raise CorruptBlobError(f"blob holds {header.tokens} tokens; the destination expects {tokens}")
         exact_bytes, stream_bytes = self._expected_sections(header)
         _check_chunks(header, exact_bytes, stream_bytes)
         if isinstance(self.coder, DeflateNvcomp):  # inflated straight into device memory
@@ -239,8 +248,8 @@ class KVTCCodec:
             positions = torch.arange(header.start + head, header.start + head + n, device=self.device)
             out[0, :, head : head + n] = self.calibration.rope.rotate(keys, positions, header.dtype).to(header.dtype)
             out[1, :, head : head + n] = values.to(header.dtype)
-            if not torch.isfinite(out[:, :, head : head + n]).all():
-                raise CorruptBlobError("symbols decode to KV outside the range of its dtype")
+        if not torch.isfinite(out).all():  # forged exact tokens or symbols (CRCs prove nothing against forgery)
+            raise CorruptBlobError("blob decodes to KV that is not finite")
         return out
 
     def _check_header(self, h: wire.BlobHeader) -> None:

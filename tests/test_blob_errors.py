@@ -148,6 +148,10 @@ def test_wrong_shapes_dtypes_and_values_are_refused(codec_and_blob):
     poisoned[1, 2, 50, 3] = float("nan")
     with pytest.raises(LayoutError, match="NaN"):
         codec.encode(poisoned)
+    poisoned = kv.clone()
+    poisoned[0, 0, 1, 0] = float("inf")  # in an exact sink token: it could be stored but never decoded
+    with pytest.raises(LayoutError, match="NaN or infinity"):
+        codec.encode(poisoned, start=0, sinks=4)
     with pytest.raises(LayoutError):
         codec.encode(kv, start=-1)
     with pytest.raises(LayoutError, match="exceed"):

@@ -82,6 +82,20 @@ def unpack_record(record: bytes) -> tuple[memoryview, torch.Size, torch.dtype, M
     return memoryview(record)[end:], shape, _DTYPES[dtype_code], fmt
 
 
+def decode_record(engine: KVTCEngine, record: bytes, max_tokens: int) -> tuple[torch.Tensor, MemoryFormat]:
+    """A stored record's KV and memory format, validated; raises ``CodecError``.
+
+    The record's shape is as hostile as its blob: one of more than ``max_tokens`` (LMCache's chunk size) is
+    refused before anything is allocated for it.
+    """
+    blob, shape, dtype, fmt = unpack_record(record)
+    (layout,) = engine.group_layouts([shape], [dtype])
+    if layout.tokens > max_tokens:
+        raise CorruptBlobError(f"record declares {layout.tokens} tokens; LMCache's chunks hold {max_tokens}")
+    (tensor,) = engine.decode(blob, [shape], [dtype])
+    return tensor, fmt
+
+
 def store_from_options(values: dict, max_bytes: int) -> BlobStore:
     """The store ``kvtc.store`` names, from its ``kvtc.path`` / ``kvtc.redis_url``; raises ``ValueError``."""
     kind = values.get("store", "ram")
@@ -134,6 +148,7 @@ class KVTCStoragePlugin(StoragePluginInterface):
             if local_cpu_backend is None:
                 raise ValueError("LMCache passed no local_cpu_backend to allocate decoded chunks from")
             self.store = store_from_options(store, max_bytes)
+            self.max_tokens = int(getattr(config, "chunk_size", 0) or 256)
         except (ValueError, OSError, CodecError) as exc:
             log.error("=" * 80)
             log.error("kvtc storage plugin NOT created, so LMCache runs WITHOUT the KVTC tier: %s", exc)
@@ -181,13 +196,12 @@ class KVTCStoragePlugin(StoragePluginInterface):
         if record is None:
             return None
         try:
-            blob, shape, dtype, fmt = unpack_record(record)
-            (tensor,) = self.engine.decode(blob, [shape], [dtype])
+            tensor, fmt = decode_record(self.engine, record, self.max_tokens)
         except CodecError as exc:
             log.error("kvtc: record for %s failed validation (%s): dropped, reporting a miss", key, exc)
             self.store.remove(name)
             return None
-        obj = self.local_cpu_backend.allocate(shape, dtype, fmt=fmt)
+        obj = self.local_cpu_backend.allocate(tensor.shape, tensor.dtype, fmt=fmt)
         if obj is None:
             return None
         obj.tensor.copy_(tensor)
