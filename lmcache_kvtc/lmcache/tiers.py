@@ -83,11 +83,13 @@ def store(sm: StorageManager, keys: list[ObjectKey], chunks: list[torch.Tensor])
     return len(reserved)
 
 
-def wait_stored(sm: StorageManager, listener: StoreListener, keys: list[ObjectKey], timeout: float = 120.0) -> int:
+def wait_stored(sm: StorageManager, listener: StoreListener, keys: list[ObjectKey], timeout: float = 120.0,
+                settle: float = 10.0) -> int:
     """Wait until every key is in L2, or the store controllers are idle (failed stores); returns stored count.
 
-    Polling the controller counters alone is racy (they read 0 before a task is picked up), so the
-    idle state must hold for a while before we give up on the remaining keys.
+    Polling the controller counters alone is racy (they read 0 before a task is picked up, and while the
+    serde still encodes), so the idle state must hold for ``settle`` seconds — longer than one chunk's
+    encode on a busy CPU — before we give up on the remaining keys.
     """
     wanted = {k.chunk_hash for k in keys}
     deadline, idle_since = time.monotonic() + timeout, None
@@ -99,7 +101,7 @@ def wait_stored(sm: StorageManager, listener: StoreListener, keys: list[ObjectKe
         status = sm.report_status()["store_controllers"].values()
         idle = all(s["in_flight_task_count"] == 0 and s["pending_keys_count"] == 0 for s in status)
         idle_since = (idle_since or time.monotonic()) if idle else None
-        if idle_since is not None and time.monotonic() - idle_since > 2.0:
+        if idle_since is not None and time.monotonic() - idle_since > settle:
             break
         time.sleep(0.05)
     time.sleep(0.1)  # let the store controller release the L1 read locks of the finished task
