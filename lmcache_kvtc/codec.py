@@ -211,17 +211,19 @@ class KVTCCodec:
                 + int(symbols) + stream_chunks * CHUNK_ALIGNMENT)
 
     # -- decode ---------------------------------------------------------------------------
-    def decode(self, blob: bytes | bytearray | memoryview, tokens: int | None = None) -> torch.Tensor:
+    def decode(self, blob: bytes | bytearray | memoryview, tokens: int | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
         """Reconstruct the ``[2, L, T, H·D]`` tensor; raises a :class:`CodecError` on any bad blob.
 
-        ``tokens``: the token count the caller expects, checked before anything is allocated. Give it for blobs
-        from shared storage: otherwise a forged blob may make decode allocate up to what its header declares
-        (at most ``blob.MAX_TOKENS`` tokens of this calibration's layout).
+        ``tokens`` / ``dtype``: what the caller expects, checked before anything is allocated. Give them for
+        blobs from shared storage: otherwise a forged header may make decode allocate up to what it declares
+        (at most ``blob.MAX_TOKENS`` tokens of this calibration's layout) or return another dtype.
         """
         header, payload = wire.parse(blob)
         self._check_header(header)
-        if tokens is not None and header.tokens != tokens:
-            raise CorruptBlobError(f"blob holds {header.tokens} tokens; the destination expects {tokens}")
+        if (tokens is not None and header.tokens != tokens) or (dtype is not None and header.dtype != dtype):
+            raise CorruptBlobError(f"blob holds {header.tokens} tokens of {header.dtype}; the destination "
+                                   f"expects {tokens} of {dtype}")
         exact_bytes, stream_bytes = self._expected_sections(header)
         _check_chunks(header, exact_bytes, stream_bytes)
         if isinstance(self.coder, DeflateNvcomp):  # inflated straight into device memory

@@ -43,6 +43,7 @@ from lmcache_kvtc.lmcache.options import SerdeOptions
 CASE_SECONDS = 10.0
 #: tokens per seed chunk: small, so that the cases that do decode are cheap (the format does not depend on it)
 CHUNK = 64
+BLOCK = 10_000
 EDGE_VALUES = (0, 1, 2, 3, 4, 127, 128, 255, 256, 257, 65535, 65536, (1 << 31) - 1, 1 << 31, (1 << 32) - 1,
                1 << 32, (1 << 63) - 1, 1 << 63, (1 << 64) - 1)
 SYMBOL_EDGES = (0x00, 0x01, 0x7F, 0x80, 0x81, 0xFF)
@@ -224,7 +225,8 @@ class Doors:
     def all(self, data: bytes, tokens: int) -> dict[str, Callable[[], str | None]]:
         shape = self.shape(tokens)
         return {
-            "codec": lambda: _check_kv(self.codec.decode(data, tokens=tokens), shape, torch.bfloat16),
+            "codec": lambda: _check_kv(self.codec.decode(data, tokens=tokens, dtype=torch.bfloat16), shape,
+                                       torch.bfloat16),
             "engine": lambda: _check_kv(self.engine.decode(memoryview(data), [shape], [torch.bfloat16])[0], shape,
                                         torch.bfloat16),
             "classic": lambda: self._classic(data, shape),
@@ -337,13 +339,29 @@ def main(argv=None) -> int:
     ids = texts.token_contexts(tokenizer, texts.python_docs(), 1, 2 * CHUNK, seed=5)[0]
     kv, _ = prefill(model, ids, logits_to_keep=1)
     doors, seeds = build(default_calibration(args.model), kv)
+    parts = []
     with tqdm(total=args.cases, desc="fuzzing", unit="case", mininterval=5) as bar:
-        report = fuzz(doors, seeds, args.cases, args.seed, progress=lambda _: bar.update())
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+        for block, begin in enumerate(range(0, args.cases, BLOCK)):  # a report after every block
+            cases = min(BLOCK, args.cases - begin)
+            parts.append(fuzz(doors, seeds, cases, args.seed * 1000 + block, progress=lambda _: bar.update()))
+            report = merge(parts)
+            if args.out:
+                args.out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
     return 1 if report["findings"] else 0
+
+
+def merge(parts: list[dict]) -> dict:
+    """One report of several runs (blocks of one script run, each with its own seed)."""
+    outcomes: dict[str, Counter] = {}
+    for part in parts:
+        for name, counts in part["outcomes"].items():
+            outcomes.setdefault(name, Counter()).update(counts)
+    return {"cases": sum(p["cases"] for p in parts), "seeds": [p["seed"] for p in parts],
+            "outcomes": {k: dict(v) for k, v in sorted(outcomes.items())},
+            "findings": [f for p in parts for f in p["findings"]],
+            "slowest_case_s": max(p["slowest_case_s"] for p in parts),
+            "peak_rss_mb": max(p["peak_rss_mb"] for p in parts)}
 
 
 if __name__ == "__main__":

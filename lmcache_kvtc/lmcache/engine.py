@@ -207,7 +207,7 @@ class KVTCEngine:
     def _decode_group(self, blob: memoryview, layout: GroupLayout) -> torch.Tensor:
         header, _ = wire.parse(blob)
         calibration = self.calibrations.by_fingerprint(header.fingerprint)
-        kv = self.codec(calibration).decode(blob, tokens=layout.tokens)
+        kv = self.codec(calibration).decode(blob, tokens=layout.tokens, dtype=layout.dtype)
         expected = (2, layout.layers, layout.tokens, layout.hidden)
         if tuple(kv.shape) != expected or kv.dtype != layout.dtype:
             raise CorruptBlobError(
