@@ -84,8 +84,8 @@ def _header_end(blob: bytes) -> int:
 
 
 def _declared_extent(blob: bytes) -> int:
-    header_size, payload_size = struct.unpack_from("<I", blob, 8)[0], struct.unpack_from("<Q", blob, 64)[0]
-    return header_size + payload_size
+    """Header + payload bytes of a valid blob (its zero padding left out)."""
+    return _header_end(blob) + wire.parse(blob)[0].payload_size
 
 
 def _fix_header_crc(buf: bytearray, end: int) -> bytes:
