@@ -6,6 +6,8 @@ setup(
     description="KV Cache Transform Coding (KVTC) as an LMCache extension",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     packages=find_packages(include=["lmcache_kvtc", "lmcache_kvtc.*", "calibration", "calibration.*", "benchmarks"]),
     install_requires=[
@@ -15,6 +17,7 @@ setup(
         "tqdm",
         "lmcache==0.5.6",  # pinned: its serde/L2/plugin APIs move between versions
         "redis",
+        "cryptography",  # sealed blobs (AES-GCM); LMCache's key providers import it too
     ],
     extras_require={
         "gpu": ["nvidia-nvcomp-cu12==6.0.0.12"],

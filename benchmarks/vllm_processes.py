@@ -97,6 +97,13 @@ class MPServer:
             stop_pid(self.process.pid)
             self.process = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown, stores in flight are cut off."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+            self.process = None
+
     def retained(self) -> list[tuple[int, int]]:
         """``(from L1, from L2)`` of every prefetch the server logged, oldest first."""
         return [(int(a), int(b)) for a, b in RETAINED.findall(self.log.read_text(errors="replace"))]

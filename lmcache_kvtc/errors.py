@@ -31,3 +31,7 @@ class CalibrationError(CodecError):
 
 class UnsupportedLayoutError(LayoutError):
     """An LMCache object the serde cannot code: MLA, fp8/uint8 KV, an unknown or unverifiable layout."""
+
+
+class SealError(CodecError):
+    """A sealed object does not open under this tenant's key for this object key (or is not sealed)."""

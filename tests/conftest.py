@@ -66,7 +66,8 @@ def rng():
 
 
 class RedisServer:
-    """A throwaway ``redis-server`` on 127.0.0.1 (no persistence) that tests can stop and restart."""
+    """A throwaway ``redis-server`` on 127.0.0.1 that tests can stop, kill and restart; with ``persist`` it
+    keeps every write in an append-only file (fsync'd per write) in ``workdir``, so a restart has its old data."""
 
     def __init__(self, workdir):
         import socket
@@ -78,15 +79,15 @@ class RedisServer:
         self.workdir = workdir
         self.process = None
 
-    def start(self) -> None:
+    def start(self, persist: bool = False) -> None:
         import subprocess
         import time
 
         import redis
 
         self.process = subprocess.Popen(
-            ["redis-server", "--bind", self.host, "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+            ["redis-server", "--bind", self.host, "--port", str(self.port), "--save", "",
+             "--appendonly", "yes" if persist else "no", "--appendfsync", "always", "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(host=self.host, port=self.port)
@@ -101,6 +102,13 @@ class RedisServer:
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final save, connections cut mid-command."""
+        if self.process is not None:
+            self.process.kill()
             self.process.wait(timeout=10)
             self.process = None
 

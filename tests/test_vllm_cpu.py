@@ -163,9 +163,9 @@ def served_from_l2(server: MPServer, engine: VLLMDriver, prompt: str, chunks: in
 
 def test_vllm_cpu_serves_a_shared_prefix_from_kvtc_blobs_on_disk_and_in_redis(
         small_calibration_path, redis_server, tmp_path, started):
-    """Stored once into both tiers; served from ``fs`` (Redis emptied), then, after vLLM and the server were
-    restarted, from ``resp`` alone. (A running vLLM does not re-register with a restarted MP server in
-    LMCache 0.5.6, so a restart here is a restart of both.)"""
+    """Stored once into both tiers; served from ``fs`` (Redis emptied), then, after vLLM was stopped and the
+    server killed (SIGKILL) and both restarted, from ``resp`` alone. (A running vLLM does not re-register with
+    a restarted MP server in LMCache 0.5.6, so a restart here is a restart of both.)"""
     import redis
 
     python = vllm_python()
@@ -196,9 +196,10 @@ def test_vllm_cpu_serves_a_shared_prefix_from_kvtc_blobs_on_disk_and_in_redis(
     second = served_from_l2(server, engine, prompt, chunks)
     assert key in second["text"], (first, second)
 
-    for process in (engine, server):
-        process.stop()
-        started.remove(process)
+    engine.stop()
+    server.kill()  # a crashed server: whatever it had in flight must never come back as a valid object
+    started.remove(engine)
+    started.remove(server)
     for k, dumped in in_redis.items():  # back into Redis; the new server gets only the resp tier
         client.restore(k, 0, dumped)
     shutil.rmtree(tmp_path / "l2")

@@ -14,6 +14,9 @@
                   objects are vLLM-CPU's paged blocks, mapped through vLLM's own kernels, which must be
                   importable in the server's environment (see .vllm_cpu)
     block_size    vLLM's block size, with layout "vllm-cpu" (default 128, vLLM-CPU's own default)
+    master_key_path  seal every blob with AES-GCM, one key per cache_salt derived from this file's bytes
+                  (at least 32) by LMCache's HkdfKeyProvider (default "": not sealed; see .sealing)
+    aes_bits      128 or 256 (default 256), with master_key_path
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class SerdeOptions:
     chunk_size: int = 0
     layout: str = "auto"
     block_size: int = 128
+    master_key_path: str = ""
+    aes_bits: int = 256
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, object]) -> SerdeOptions:

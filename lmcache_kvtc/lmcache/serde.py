@@ -9,7 +9,8 @@ is coded at an *estimated* base position (:mod:`.position`), stored in the blob 
 so with ``fixed_size`` (the default) every blob is zero-padded to that size, which depends only on
 the layout and the kwargs (the ratio's byte budget). Anything the serde cannot code raises,
 which LMCache turns into a failed store (a cache miss); a blob that fails validation on load
-turns the load into a miss. Never wrong KV.
+turns the load into a miss. Never wrong KV. With ``master_key_path`` every stored object is sealed with
+AES-GCM per ``cache_salt`` and bound to its key (:mod:`.sealing`).
 
 Adapter JSON kwargs: everything in ``"serde"`` except ``"type"`` (see :mod:`.options`).
 """
@@ -31,6 +32,7 @@ from lmcache.v1.memory_management import MemoryObj
 from ..errors import CodecError, LayoutError
 from .engine import EncodeEvent, KVTCEngine, describe_layout, observe
 from .options import SerdeOptions
+from .sealing import OVERHEAD, Sealer
 
 log = init_logger(__name__)
 
@@ -43,12 +45,12 @@ __all__ = ["SERDE_TYPE", "EncodeEvent", "KVTCDeserializer", "KVTCEngine", "KVTCS
 
 
 class KVTCSerializer(Serializer):
-    def __init__(self, engine: KVTCEngine):
-        self.engine = engine
+    def __init__(self, engine: KVTCEngine, sealer: Sealer | None = None):
+        self.engine, self.sealer = engine, sealer
 
     def estimate_serialized_size(self, layout_desc: MemoryLayoutDesc) -> int:
         try:
-            return self.engine.estimate(layout_desc.shapes, layout_desc.dtypes)
+            return self.engine.estimate(layout_desc.shapes, layout_desc.dtypes) + (OVERHEAD if self.sealer else 0)
         except (CodecError, ValueError) as exc:
             self.engine.refuse_once(describe_layout(layout_desc.shapes, layout_desc.dtypes), exc)
             return _REFUSED_ESTIMATE
@@ -59,24 +61,29 @@ class KVTCSerializer(Serializer):
         if any(t is None for t in tensors):
             raise LayoutError("source object was invalidated before it could be serialized")
         blob = self.engine.encode(tensors, key)
-        out = _byte_view(dst)
         capacity = self.engine.estimate(shapes, dtypes)
-        if len(blob) > min(capacity, out.numel()):
+        if len(blob) > capacity:
             raise LayoutError(f"kvtc blob of {len(blob)} bytes exceeds its {capacity}-byte estimate")
+        if self.engine.options.fixed_size:
+            blob += bytes(capacity - len(blob))
+        if self.sealer:
+            blob = self.sealer.seal(blob, key)
+        out = _byte_view(dst)
+        if len(blob) > out.numel():
+            raise LayoutError(f"kvtc object of {len(blob)} bytes exceeds its {out.numel()}-byte buffer")
         out[: len(blob)].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
-        if not self.engine.options.fixed_size:
-            return len(blob)
-        out[len(blob) : capacity].zero_()
-        return capacity
+        return len(blob)
 
 
 class KVTCDeserializer(Deserializer):
-    def __init__(self, engine: KVTCEngine):
-        self.engine = engine
+    def __init__(self, engine: KVTCEngine, sealer: Sealer | None = None):
+        self.engine, self.sealer = engine, sealer
 
     def deserialize(self, src: MemoryObj, dst: MemoryObj, key: ObjectKey | None = None) -> None:
         try:
-            decoded = self.engine.decode(memoryview(_byte_view(src).numpy()), dst.get_shapes(), dst.get_dtypes())
+            stored = memoryview(_byte_view(src).numpy())
+            data = memoryview(self.sealer.open(stored, key)) if self.sealer else stored
+            decoded = self.engine.decode(data, dst.get_shapes(), dst.get_dtypes())
         except CodecError as exc:
             log.error("kvtc: stored object %s failed validation: %s -- reporting a cache miss",
                       key.chunk_hash.hex()[:16] if key else "?", exc)
@@ -103,10 +110,13 @@ def make_serde(kwargs: dict[str, object]) -> AsyncSerdeProcessor:
     """Factory LMCache calls with the adapter JSON's serde kwargs."""
     options = SerdeOptions.from_kwargs(dict(kwargs))
     engine = KVTCEngine(options)
-    log.info("kvtc serde: %d calibration(s) from %s, ratio %s, device %s, fixed_size %s, %d worker(s)",
+    sealer = Sealer.from_master_key_file(options.master_key_path, options.aes_bits) if options.master_key_path else None
+    log.info("kvtc serde: %d calibration(s) from %s, ratio %s, device %s, fixed_size %s, %d worker(s), %s",
              len(engine.calibrations.entries), options.calibration, options.ratio, options.device,
-             options.fixed_size, options.max_workers)
-    return AsyncSerdeProcessor(KVTCSerializer(engine), KVTCDeserializer(engine), max_workers=options.max_workers)
+             options.fixed_size, options.max_workers,
+             f"sealed (AES-{options.aes_bits}-GCM per cache_salt)" if sealer else "not sealed")
+    return AsyncSerdeProcessor(KVTCSerializer(engine, sealer), KVTCDeserializer(engine, sealer),
+                               max_workers=options.max_workers)
 
 
 def register() -> None:

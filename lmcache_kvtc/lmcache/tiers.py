@@ -62,13 +62,13 @@ def with_kvtc(adapter: dict[str, Any], calibration_path: str, ratio: float, **se
     return spec
 
 
-def chunk_keys(model_name: str, count: int, salt: bytes | None = None) -> list[ObjectKey]:
-    """Rolling prefix hashes like LMCache's (one per chunk), fresh per call unless ``salt`` is given."""
-    salt = os.urandom(16) if salt is None else salt
-    keys, prefix = [], salt
+def chunk_keys(model_name: str, count: int, seed: bytes | None = None, cache_salt: str = "") -> list[ObjectKey]:
+    """Rolling prefix hashes like LMCache's (one per chunk), fresh per call unless ``seed`` is given."""
+    prefix = os.urandom(16) if seed is None else seed
+    keys = []
     for i in range(count):
         prefix = hashlib.sha256(prefix + i.to_bytes(8, "little")).digest()
-        keys.append(ObjectKey(chunk_hash=prefix, model_name=model_name, kv_rank=0))
+        keys.append(ObjectKey(chunk_hash=prefix, model_name=model_name, kv_rank=0, cache_salt=cache_salt))
     return keys
 
 
