@@ -6,7 +6,7 @@ side by side; sealed (AES-GCM, ``master_key_path``) rows use the same chunks. MB
 wall seconds from the first L1 write until every chunk is in L2 (store), or of the prefetch (load). Every run's
 loaded chunks must equal the one-worker run's, bit for bit.
 
-    python -m benchmarks.workers [--workers 1,2,4] [--tokens 4096] [--repeats 3] [--sealed]
+    python -m benchmarks.workers [--workers 1,2,4] [--tokens 4096] [--repeats 3] [--sealed] [--calibration PATH]
 """
 
 from __future__ import annotations
@@ -68,12 +68,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sealed", action="store_true", help="also time sealed blobs (AES-256-GCM)")
+    parser.add_argument("--calibration", type=Path, help="default: the model's cached calibration (built if missing)")
     args = parser.parse_args(argv)
     tiers.register()
     torch.manual_seed(0)
     chunks = real_chunks(args.tokens)
     megabytes = sum(c.numel() * c.element_size() for c in chunks) / 1e6
-    calibration = default_calibration(MODEL)
+    calibration = args.calibration or default_calibration(MODEL)
     variants = {"kvtc 16x": {}}
     if args.sealed:
         key = Path(tempfile.mkdtemp()) / "master.key"

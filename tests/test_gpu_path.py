@@ -17,9 +17,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from synthetic import synthetic_calibration
 
 from lmcache_kvtc import entropy_gpu
-from lmcache_kvtc.codec import KVTCCodec, token_features
+from lmcache_kvtc.codec import KVTCCodec
 from lmcache_kvtc.entropy import CHUNK_ALIGNMENT, CHUNK_SIZE, ChunkEntry, DeflateCPU
 from lmcache_kvtc.entropy_gpu import DeflateNvcomp, probe, select_coder
 from lmcache_kvtc.errors import CorruptBlobError
@@ -237,34 +238,9 @@ def test_probe_accepts_the_standin_and_rejects_a_broken_one():
         probe(_standin_coder(broken=True)[0])
 
 
-def _synthetic(layers: int = 2, heads: int = 2, head_dim: int = 32, seed: int = 0):
-    """A tiny calibration fitted on synthetic low-rank KV, and a KV maker with RoPE applied."""
-    from lmcache_kvtc.fitting import fit_calibration
-    from lmcache_kvtc.rope import RopeTable
-
-    g = torch.Generator().manual_seed(seed)
-    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    rope = RopeTable(inv_freq=inv.repeat(layers, 1), attention_scaling=torch.ones(layers), head_dim=head_dim)
-    p = layers * heads * head_dim
-    mixing = torch.randn(2, 16, p, generator=g)
-
-    def make(tokens: int, start: int = 0) -> torch.Tensor:
-        z = torch.randn(2, tokens, 16, generator=g)
-        feats = torch.einsum("stk,skp->stp", z, mixing) + 0.05 * torch.randn(2, tokens, p, generator=g) + 3
-        kv = feats.reshape(2, tokens, layers, heads * head_dim).permute(0, 2, 1, 3).contiguous()
-        kv[0] = rope.rotate(kv[0], torch.arange(start, start + tokens), torch.bfloat16)
-        return kv.to(torch.bfloat16)
-
-    batches = [token_features(make(256), torch.arange(256), rope) for _ in range(4)]
-    calibration = fit_calibration(model_id="synthetic", kv_heads=heads, head_dim=head_dim, rope=rope,
-                                  fit_batches=batches, heldout=token_features(make(256), torch.arange(256), rope),
-                                  ratios=(8.0, 16.0))
-    return calibration, make
-
-
 @pytest.fixture(scope="module")
 def synthetic():
-    return _synthetic()
+    return synthetic_calibration()
 
 
 def test_standin_coder_inside_the_codec_gives_the_same_kv_as_the_cpu_coder(synthetic):
