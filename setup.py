@@ -9,20 +9,15 @@ setup(
     license="Apache-2.0",
     license_files=["LICENSE"],
     python_requires=">=3.10",
-    packages=find_packages(include=["lmcache_kvtc", "lmcache_kvtc.*", "calibration", "calibration.*", "benchmarks"]),
-    install_requires=[
-        "torch>=2.4",
-        "numpy",
-        "safetensors",
-        "tqdm",
-        "lmcache==0.5.6",  # pinned: its serde/L2/plugin APIs move between versions
-        "redis",
-        "cryptography",  # sealed blobs (AES-GCM); LMCache's key providers import it too
-    ],
+    # only the library: calibration/ (offline models, texts, the main job) and benchmarks/ are checkout tools
+    packages=find_packages(include=["lmcache_kvtc", "lmcache_kvtc.*"]),
+    install_requires=["torch>=2.4", "numpy", "safetensors"],  # the codec, blobs and calibration files
     extras_require={
+        # the serde, classic plugin, loader adapter and sealed blobs
+        "lmcache": ["lmcache==0.5.6", "redis", "cryptography"],  # 0.5.6 pinned: its serde/L2/plugin APIs move
+        "calibrate": ["transformers>=5.0", "tqdm", "matplotlib"],  # lmcache_kvtc.calibrate
         "gpu": ["nvidia-nvcomp-cu12==6.0.0.12"],
-        "calibrate": ["transformers>=5.0", "gguf", "accelerate", "matplotlib"],
-        "test": ["pytest", "ruff"],
+        "test": ["pytest", "ruff", "gguf", "accelerate"],  # + the checkout's offline models (GGUF parts)
     },
     entry_points={"console_scripts": ["kvtc=lmcache_kvtc.cli:main",
                                      "kvtc-lmcache-server=lmcache_kvtc.lmcache.launcher:main"]},

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from calibration import texts
-from calibration.calibrate import capture, load_model, split_contexts
-from calibration.kv_capture import kv_dims
+from calibration.calibrate import load_model
 from lmcache_kvtc import Calibration
+from lmcache_kvtc.calibrate.capture import kv_dims
+from lmcache_kvtc.calibrate.driver import capture, split_contexts
 from lmcache_kvtc.fitting import Planner, assemble
 from lmcache_kvtc.rope import RopeTable, rope_table_from_hf_config
 

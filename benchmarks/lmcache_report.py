@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-from calibration import models, texts
+from calibration import models, texts, tiers
 from calibration.calibrate import default_calibration
-from calibration.kv_capture import kv_dims, prefill
-from calibration.metrics import compare_logits, continuation_logits, relative_error
 from lmcache_kvtc import Calibration, KVTCCodec
-from lmcache_kvtc.lmcache import tiers
+from lmcache_kvtc.calibrate.capture import kv_dims, prefill
+from lmcache_kvtc.calibrate.metrics import compare_logits, continuation_logits, relative_error
 from lmcache_kvtc.lmcache.position import PositionEstimator
 
 from . import retrieval

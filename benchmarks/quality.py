@@ -22,10 +22,10 @@ from pathlib import Path
 
 from calibration import texts
 from calibration.calibrate import default_calibration, load_model
-from calibration.kv_capture import prefill
-from calibration.metrics import compare_logits, continuation_logits
-from calibration.report import water_filling
 from lmcache_kvtc import Calibration
+from lmcache_kvtc.calibrate.capture import prefill
+from lmcache_kvtc.calibrate.metrics import compare_logits, continuation_logits
+from lmcache_kvtc.calibrate.report import water_filling
 from lmcache_kvtc.fitting import NAMED_RATIOS
 
 from . import methods, retrieval

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from calibration.kv_capture import prefill
-from calibration.metrics import greedy
+from lmcache_kvtc.calibrate.capture import prefill
+from lmcache_kvtc.calibrate.metrics import greedy
 
 INTRO = "There is an important piece of information hidden in the text below. Find it and remember it.\n\n"
 NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"

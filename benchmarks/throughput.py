@@ -158,7 +158,7 @@ def prefill_comparison(device: torch.device, contexts: list[int], repeats: int, 
     """Load-and-decode (blobs in host memory -> KV on ``device``) vs recomputing the prefill, real Qwen 0.5B."""
     from calibration import models
     from calibration.calibrate import default_calibration_path
-    from calibration.kv_capture import prefill
+    from lmcache_kvtc.calibrate.capture import prefill
 
     model_name = "qwen2.5-coder-0.5b"
     path = default_calibration_path(model_name)

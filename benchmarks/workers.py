@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from calibration import models, texts
+from calibration import models, texts, tiers
 from calibration.calibrate import default_calibration
-from calibration.kv_capture import prefill
-from lmcache_kvtc.lmcache import tiers
+from lmcache_kvtc.calibrate.capture import prefill
 
 MODEL = "qwen2.5-coder-0.5b"
 

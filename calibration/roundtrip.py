@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from lmcache_kvtc import Calibration, KVTCCodec
+from lmcache_kvtc.calibrate.capture import prefill
+from lmcache_kvtc.calibrate.metrics import compare_logits, continuation_logits, greedy, relative_error
 from lmcache_kvtc.inspect import describe
 
 from . import texts
 from .calibrate import default_calibration, load_model
-from .kv_capture import prefill
-from .metrics import compare_logits, continuation_logits, greedy, relative_error
 
 
 def run(
@@ -87,7 +87,7 @@ def run(
 
 def _through_lmcache(lm, kv, cont, reference_logits, cal_path: Path, ratio: float) -> dict:
     """The same cache in 256-token chunks through LMCache 0.5.6's MP StorageManager, kvtc serde and fs tier."""
-    from lmcache_kvtc.lmcache.tiers import store_and_load
+    from calibration.tiers import store_and_load
 
     with tempfile.TemporaryDirectory(prefix="kvtc-fs-tier-") as tier:
         restored, stats = store_and_load(kv, str(cal_path), {"type": "fs", "base_path": tier}, ratio=ratio)

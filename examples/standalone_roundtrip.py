@@ -13,8 +13,8 @@ import torch
 
 from calibration import models, texts
 from calibration.calibrate import default_calibration
-from calibration.kv_capture import prefill
 from lmcache_kvtc import Calibration, CodecError, KVTCCodec
+from lmcache_kvtc.calibrate.capture import prefill
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--ratio", type=float, default=16)

@@ -1,4 +1,10 @@
-"""The ``kvtc`` command: calibrate, roundtrip, inspect, bench."""
+"""The ``kvtc`` command: calibrate, roundtrip, inspect.
+
+``calibrate --model DIR --text FILE...`` and ``inspect`` need only the installed package; the offline registry's
+model names, the bundled texts and ``roundtrip`` (the main job) live in a checkout's ``calibration/`` folder,
+and say so when it is not there. The benchmarks are checkout tools too: ``python -m benchmarks.quality``,
+``python -m benchmarks.lmcache_report``.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +17,35 @@ from pathlib import Path
 from .fitting import DEFAULT_RATIOS
 
 
-def _calibrate(args: argparse.Namespace) -> int:
-    from calibration import texts
-    from calibration.calibrate import calibrate
+def checkout(command: str):
+    """The checkout's ``calibration`` package (offline models, texts, the main job), or a clear exit without it."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "calibration" / "roundtrip.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))  # an editable install from a checkout
+    try:
+        import calibration.calibrate
+        import calibration.roundtrip  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"kvtc {command}: needs a checkout of lmcache-kvtc (its calibration/ folder holds the offline "
+                         f"models, texts and the main job; {exc}). From an installed package: "
+                         "kvtc calibrate --model HF_MODEL_DIR --text FILE... --out FILE") from None
+    return calibration
 
+
+def _calibrate(args: argparse.Namespace) -> int:
+    options = dict(tokens=args.tokens, context=args.context, ratios=args.ratios, out=args.out,
+                   key_weight=args.key_weight, normalize=args.normalize)
     if args.text:
         documents = [Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text]
         source = ", ".join(args.text)
     else:
-        documents, source = texts.prepare("wikipedia_en"), "wikipedia (BIG-bench paragraph_segmentation)"
-    cal = calibrate(args.model, documents, tokens=args.tokens, context=args.context, ratios=args.ratios,
-                    out=args.out, source=source, key_weight=args.key_weight, normalize=args.normalize)
+        recipes = checkout("calibrate")
+        documents, source = recipes.texts.prepare("wikipedia_en"), recipes.calibrate.WIKIPEDIA
+    if Path(args.model).is_dir():
+        from .calibrate.driver import calibrate
+    else:  # a name of the checkout's offline registry
+        calibrate = checkout("calibrate").calibrate.calibrate
+    cal = calibrate(args.model, documents, source=source, **options)
     print(f"wrote {args.out} (fingerprint {cal.fingerprint.hex()}); report {Path(args.out).with_suffix('.report')}")
     return 0
 
@@ -40,11 +64,10 @@ def key_weight(text: str) -> str | float | None:
 
 
 def _roundtrip(args: argparse.Namespace) -> int:
-    from calibration.roundtrip import format_report, run
-
-    result = run(model=args.model, calibration=args.calibration, ratio=args.ratio, context=args.context,
+    roundtrip = checkout("roundtrip").roundtrip
+    result = roundtrip.run(model=args.model, calibration=args.calibration, ratio=args.ratio, context=args.context,
                  blob_path=args.blob, lmcache=not args.no_lmcache)
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    print(json.dumps(result, indent=2) if args.json else roundtrip.format_report(result))
     return 0
 
 
@@ -68,22 +91,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # the benchmarks keep their own arguments
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        if "--lmcache" in argv:
-            from benchmarks.lmcache_report import main as lmcache_bench
-
-            lmcache_bench([a for a in argv[1:] if a != "--lmcache"])
-            return 0
-        from benchmarks.quality import main as bench
-
-        return bench(argv[1:])
     parser = argparse.ArgumentParser(prog="kvtc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("calibrate", help="model + text -> calibration file (+ report with plots)")
-    p.add_argument("--model", required=True, help="offline model name (calibration.models) or HF model directory")
-    p.add_argument("--text", nargs="*", help="UTF-8 text files (default: Wikipedia from BIG-bench)")
+    p.add_argument("--model", required=True,
+                   help="a Hugging Face model directory, or (in a checkout) a name of calibration.models")
+    p.add_argument("--text", nargs="*", help="UTF-8 text files (default, in a checkout: Wikipedia from BIG-bench)")
     p.add_argument("--tokens", type=int, default=48 * 1024, help="calibration tokens in total")
     p.add_argument("--context", type=int, default=2048, help="tokens per prefilled context")
     p.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
@@ -94,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="calibration file to write (.safetensors)")
     p.set_defaults(func=_calibrate)
 
-    p = sub.add_parser("roundtrip", help="real KV cache -> blob file -> KV cache, with a quality report")
+    p = sub.add_parser("roundtrip", help="the main job (needs the checkout): real KV cache -> blob -> KV cache, "
+                                        "and through LMCache's fs tier, with a quality report")
     p.add_argument("--model", default="qwen2.5-coder-0.5b")
     p.add_argument("--calibration", help="calibration file (default: built on first use and cached)")
     p.add_argument("--ratio", type=float, default=16)
@@ -108,9 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("blob")
     p.add_argument("--calibration")
     p.set_defaults(func=_inspect)
-
-    sub.add_parser("bench", help="quality benchmark: KVTC vs baselines and ablations (kvtc bench --help); "
-                                 "--lmcache: through LMCache's tiers, what users get (kvtc bench --lmcache --help)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

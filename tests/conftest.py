@@ -49,7 +49,7 @@ def small_calibration(small_calibration_path):
 def eval_kv(qwen05):
     """A real bf16 KV cache ``[2, L, 640, H*D]`` of held-out text (Python docs) and its token ids."""
     from calibration import texts
-    from calibration.kv_capture import prefill
+    from lmcache_kvtc.calibrate.capture import prefill
 
     model, tokenizer = qwen05
     ids = texts.token_contexts(tokenizer, texts.python_docs(), 1, 640, seed=3)[0]

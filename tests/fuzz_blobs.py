@@ -327,7 +327,7 @@ def main(argv=None) -> int:
 
     from calibration import models, texts
     from calibration.calibrate import default_calibration
-    from calibration.kv_capture import prefill
+    from lmcache_kvtc.calibrate.capture import prefill
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=100_000)

@@ -9,16 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from lmcache.v1.memory_management import MemoryFormat
 from lmcache_helpers import stored_files
 
-pytest.importorskip("lmcache.v1.distributed.storage_manager")
-
-from lmcache.v1.memory_management import MemoryFormat  # noqa: E402
-
-from lmcache_kvtc.lmcache import classic, tiers  # noqa: E402
-from lmcache_kvtc.lmcache.blob_stores import DiskStore, MemoryStore  # noqa: E402
-from lmcache_kvtc.lmcache.engine import KVTCEngine  # noqa: E402
-from lmcache_kvtc.lmcache.options import SerdeOptions  # noqa: E402
+from calibration import tiers
+from lmcache_kvtc.lmcache import classic
+from lmcache_kvtc.lmcache.blob_stores import DiskStore, MemoryStore
+from lmcache_kvtc.lmcache.engine import KVTCEngine
+from lmcache_kvtc.lmcache.options import SerdeOptions
 
 CHUNKS = 12
 

@@ -14,11 +14,9 @@ import torch
 from lmcache_helpers import standalone, stored_files
 from prepared import missing
 
-pytest.importorskip("lmcache.v1.distributed.storage_manager")
-
-from lmcache_kvtc import Calibration  # noqa: E402
-from lmcache_kvtc.lmcache import tiers  # noqa: E402
-from lmcache_kvtc.lmcache.serde import KVTCEngine, SerdeOptions  # noqa: E402
+from calibration import tiers
+from lmcache_kvtc import Calibration
+from lmcache_kvtc.lmcache.serde import KVTCEngine, SerdeOptions
 
 LOADER = {"type": "plugin", "module_path": "lmcache_kvtc.lmcache.loader", "class_name": "KVTCLoaderAdapter"}
 

@@ -12,17 +12,14 @@ import sys
 
 import pytest
 import torch
+from lmcache.utils import mock_up_broadcast_fn, mock_up_broadcast_object_fn
+from lmcache.v1.cache_engine import LMCacheEngineBuilder
+from lmcache.v1.config import LMCacheEngineConfig
+from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface
+from lmcache.v1.metadata import LMCacheMetadata
 from lmcache_helpers import standalone
 
-pytest.importorskip("lmcache.v1.cache_engine")
-
-from lmcache.utils import mock_up_broadcast_fn, mock_up_broadcast_object_fn  # noqa: E402
-from lmcache.v1.cache_engine import LMCacheEngineBuilder  # noqa: E402
-from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
-from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface  # noqa: E402
-from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
-
-from lmcache_kvtc.lmcache.classic import KVTCStoragePlugin  # noqa: E402
+from lmcache_kvtc.lmcache.classic import KVTCStoragePlugin
 
 YAML = """
 chunk_size: 256

@@ -15,18 +15,15 @@ import shlex
 from pathlib import Path
 
 import pytest
+from lmcache.cli.commands.server import ServerCommand
+from lmcache.integration.vllm.mp_server_launcher import MPServerAutostartConfig
+from lmcache.v1.config import LMCacheEngineConfig
+from lmcache.v1.config_base import validate_and_set_config_value
+from lmcache.v1.distributed.config import parse_args_to_config
 
-pytest.importorskip("lmcache.cli.commands.server")
-
-from lmcache.cli.commands.server import ServerCommand  # noqa: E402
-from lmcache.integration.vllm.mp_server_launcher import MPServerAutostartConfig  # noqa: E402
-from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
-from lmcache.v1.config_base import validate_and_set_config_value  # noqa: E402
-from lmcache.v1.distributed.config import parse_args_to_config  # noqa: E402
-
-from lmcache_kvtc.lmcache.classic import options_from_extra_config  # noqa: E402
-from lmcache_kvtc.lmcache.loader import inner_config  # noqa: E402
-from lmcache_kvtc.lmcache.serde import SerdeOptions  # noqa: E402
+from lmcache_kvtc.lmcache.classic import options_from_extra_config
+from lmcache_kvtc.lmcache.loader import inner_config
+from lmcache_kvtc.lmcache.serde import SerdeOptions
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -14,12 +14,9 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from lmcache_helpers import standalone
 from safetensors.torch import load_file, save_file
-
-pytest.importorskip("lmcache.v1.distributed.storage_manager")
 
 ROOT = Path(__file__).resolve().parents[1]
 

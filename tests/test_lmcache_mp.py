@@ -6,11 +6,9 @@ import pytest
 import torch
 from lmcache_helpers import standalone, stored_files
 
-pytest.importorskip("lmcache.v1.distributed.storage_manager")
-
-from lmcache_kvtc.inspect import describe  # noqa: E402
-from lmcache_kvtc.lmcache import tiers  # noqa: E402
-from lmcache_kvtc.lmcache.serde import KVTCEngine, SerdeOptions  # noqa: E402
+from calibration import tiers
+from lmcache_kvtc.inspect import describe
+from lmcache_kvtc.lmcache.serde import KVTCEngine, SerdeOptions
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from lmcache_kvtc.lmcache.position import PositionEstimator
 def long_kv(qwen05):
     """A real 2048-token cache of held-out text (KJV; the calibration saw Wikipedia)."""
     from calibration import texts
-    from calibration.kv_capture import prefill
+    from lmcache_kvtc.calibrate.capture import prefill
 
     model, tokenizer = qwen05
     ids = texts.token_contexts(tokenizer, text("kjv"), 1, 2048, seed=5)[0]

@@ -9,10 +9,8 @@ import redis
 import torch
 from lmcache_helpers import standalone
 
-pytest.importorskip("lmcache.v1.distributed.storage_manager")
-
-from lmcache_kvtc.lmcache import tiers  # noqa: E402
-from lmcache_kvtc.lmcache.serde import KVTCEngine, SerdeOptions  # noqa: E402
+from calibration import tiers
+from lmcache_kvtc.lmcache.serde import KVTCEngine, SerdeOptions
 
 LOADER = {"type": "plugin", "module_path": "lmcache_kvtc.lmcache.loader", "class_name": "KVTCLoaderAdapter"}
 

@@ -10,19 +10,16 @@ import sys
 
 import pytest
 import torch
+from lmcache.v1.distributed.api import MemoryLayoutDesc, ObjectKey
+from lmcache.v1.distributed.serde import SerdeConfig, create_serde_processor, get_registered_serde_types
 from lmcache_helpers import byte_buffer, memory_obj, standalone
 
-pytest.importorskip("lmcache.v1.distributed.serde")
-
-from lmcache.v1.distributed.api import MemoryLayoutDesc, ObjectKey  # noqa: E402
-from lmcache.v1.distributed.serde import SerdeConfig, create_serde_processor, get_registered_serde_types  # noqa: E402
-
-from lmcache_kvtc import CalibrationError, CodecError  # noqa: E402
-from lmcache_kvtc import blob as wire  # noqa: E402
-from lmcache_kvtc.inspect import describe  # noqa: E402
-from lmcache_kvtc.lmcache import layouts  # noqa: E402
-from lmcache_kvtc.lmcache.calibrations import CalibrationSet, decode_kv_rank  # noqa: E402
-from lmcache_kvtc.lmcache.serde import (  # noqa: E402
+from lmcache_kvtc import CalibrationError, CodecError
+from lmcache_kvtc import blob as wire
+from lmcache_kvtc.inspect import describe
+from lmcache_kvtc.lmcache import layouts
+from lmcache_kvtc.lmcache.calibrations import CalibrationSet, decode_kv_rank
+from lmcache_kvtc.lmcache.serde import (
     KVTCDeserializer,
     KVTCEngine,
     KVTCSerializer,

@@ -7,16 +7,14 @@ import os
 
 import pytest
 import torch
+from lmcache.v1.distributed.api import ObjectKey
+from lmcache.v1.distributed.serde.key_provider import HkdfKeyProvider, KeyProvider
 from lmcache_helpers import stored_files
 
-pytest.importorskip("lmcache.v1.distributed.storage_manager")
-
-from lmcache.v1.distributed.api import ObjectKey  # noqa: E402
-from lmcache.v1.distributed.serde.key_provider import HkdfKeyProvider, KeyProvider  # noqa: E402
-
-from lmcache_kvtc.errors import SealError  # noqa: E402
-from lmcache_kvtc.lmcache import sealing, tiers  # noqa: E402
-from lmcache_kvtc.lmcache.serde import KVTCEngine, SerdeOptions  # noqa: E402
+from calibration import tiers
+from lmcache_kvtc.errors import SealError
+from lmcache_kvtc.lmcache import sealing
+from lmcache_kvtc.lmcache.serde import KVTCEngine, SerdeOptions
 
 
 @pytest.fixture(scope="module")

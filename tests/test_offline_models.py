@@ -1,4 +1,4 @@
-"""Tests for the offline model/text plumbing in ``calibration`` (models, texts, kv_capture).
+"""Tests for the offline model/text plumbing in ``calibration`` (models, texts) and ``lmcache_kvtc.calibrate.capture``.
 
 Real-model tests need ``python -m calibration.models prepare qwen2.5-coder-0.5b gemma-3-270m`` and
 ``python -m calibration.texts prepare`` to have run (``.ci/setup`` does both); see ``prepared.py`` for what a
@@ -19,7 +19,8 @@ import pytest
 import torch
 from prepared import require_model, text
 
-from calibration import kv_capture, models, texts
+from calibration import models, texts
+from lmcache_kvtc.calibrate import capture as kv_capture
 
 REAL_MODELS = ["qwen2.5-coder-0.5b", "gemma-3-270m"]
 # Sequence lengths: Gemma's must exceed its 512-token sliding window so the sliding layers are exercised.

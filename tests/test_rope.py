@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from calibration import texts
-from calibration.kv_capture import capture_prerope_keys, prefill
+from lmcache_kvtc.calibrate.capture import capture_prerope_keys, prefill
 from lmcache_kvtc.rope import RopeTable, rope_table_from_hf_config
 
 BF16_EPS = 2.0**-8

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from lmcache_kvtc.calibration import STREAMS, Calibration  # noqa: E402
+from ..calibration import STREAMS, Calibration  # noqa: E402
 
 
 def water_filling(eigenvalues: torch.Tensor, energy: float, points: int = 60) -> tuple[list[float], list[float]]:

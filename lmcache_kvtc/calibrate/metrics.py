@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kv_capture import cache_from_kv
+from .capture import cache_from_kv
 
 
 @torch.inference_mode()

@@ -21,9 +21,9 @@ from lmcache.v1.distributed.config import get_arg_parser, parse_args_to_config
 from lmcache.v1.distributed.internal_api import L2AdapterListener
 from lmcache.v1.distributed.storage_manager import StorageManager
 
-from ..calibration import Calibration
-from .engine import EncodeEvent, observe
-from .serde import SERDE_TYPE, register
+from lmcache_kvtc.calibration import Calibration
+from lmcache_kvtc.lmcache.engine import EncodeEvent, observe
+from lmcache_kvtc.lmcache.serde import SERDE_TYPE, register
 
 CHUNK_TOKENS = 256
 
