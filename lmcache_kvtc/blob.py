@@ -32,7 +32,17 @@ The payload is the chunks (each start 16-byte aligned). Their concatenated infla
 are the *symbol stream*: exact tokens, then per stream (K, V) the plan's symbols (see
 :mod:`.quantizer`); its size follows from the layout and the plan, which the decoder checks
 before inflating. Version 1 (per-token min/max blocks) is refused as :class:`ForeignBlobError`.
-:func:`parse` checks everything structural before any allocation.
+:func:`parse` checks everything structural before any allocation; :func:`extent` is the bytes a blob declares
+(what follows is padding, or an LMCache adapter's slack).
+
+Group container (an LMCache object of several kernel groups; one group is a bare blob), little-endian::
+
+    offset size  field
+    0      4     magic b"KVTG"
+    4      2     version (1)
+    6      2     n: groups
+    8      8·n   per group u64 length of its blob
+    8+8n   ...   the n blobs, in order (:func:`pack_groups`, :func:`split_groups`)
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .entropy import CHUNK_SIZE, ChunkEntry
+from .entropy import ChunkEntry, check_index
 from .errors import CorruptBlobError, ForeignBlobError, TruncatedBlobError
 
 MAGIC = b"KVTC"
@@ -55,6 +65,9 @@ _KNOWN_FLAGS = FLAG_PADDED | FLAG_START_ESTIMATED
 _FIXED = struct.Struct("<4sHHI16sBBBBIIIIIqIQIHH")
 _CHUNK = struct.Struct("<QII")
 _CRC = struct.Struct("<I")
+_GROUP_HEADER = struct.Struct("<4sHH")
+_GROUP_LENGTH = struct.Struct("<Q")
+GROUP_MAGIC = b"KVTG"
 MAX_HEADER_SIZE = 1 << 20
 MAX_TOKENS = 1 << 22
 #: positions beyond any model's context; keeps ``start + tokens`` far from int64 overflow in the decoder
@@ -88,6 +101,11 @@ class BlobHeader:
         return self.tokens - self.exact_head - self.exact_tail
 
     @property
+    def exact_bytes(self) -> int:
+        """Bytes of the exactly stored tokens, the symbol stream's first section."""
+        return exact_size(self.layers, self.exact_head + self.exact_tail, self.hidden, self.dtype)
+
+    @property
     def stream_size(self) -> int:
         """Bytes of the inflated symbol stream."""
         return sum(c.raw for c in self.chunks)
@@ -106,6 +124,58 @@ class BlobHeader:
 
 def header_size(model_id_bytes: int, n_chunks: int) -> int:
     return _FIXED.size + model_id_bytes + _CHUNK.size * n_chunks + _CRC.size
+
+
+def exact_size(layers: int, tokens: int, hidden: int, dtype: torch.dtype) -> int:
+    """Raw bytes of ``tokens`` exactly stored tokens (K and V of every layer)."""
+    return 2 * layers * tokens * hidden * dtype.itemsize
+
+
+def extent(data: bytes | bytearray | memoryview) -> int:
+    """Bytes of header + payload a blob declares, at most ``len(data)``; ``len(data)`` for anything without a
+    blob's fixed header, so that :func:`parse` gives the precise error. Nothing is validated here."""
+    view = memoryview(data).cast("B")
+    if len(view) < _FIXED.size or bytes(view[:4]) != MAGIC:
+        return len(view)
+    fields = _FIXED.unpack_from(view)
+    size, payload_size = fields[3], fields[16]
+    return min(len(view), size + payload_size)
+
+
+def group_header_size(groups: int) -> int:
+    """Bytes the group container adds to an object of ``groups`` kernel groups (none for one)."""
+    return 0 if groups == 1 else _GROUP_HEADER.size + _GROUP_LENGTH.size * groups
+
+
+def pack_groups(blobs: list[bytes]) -> bytes:
+    """One stored object of one blob per kernel group: the blob itself, or a group container."""
+    if len(blobs) == 1:
+        return blobs[0]
+    lengths = b"".join(_GROUP_LENGTH.pack(len(b)) for b in blobs)
+    return _GROUP_HEADER.pack(GROUP_MAGIC, 1, len(blobs)) + lengths + b"".join(blobs)
+
+
+def split_groups(data: memoryview, groups: int) -> list[memoryview]:
+    """The blob(s) of a stored object of ``groups`` kernel groups; a single blob is cut to its :func:`extent`.
+    ``CorruptBlobError`` for a container that does not hold exactly ``groups`` blobs within ``data``."""
+    if groups == 1:
+        return [data[: extent(data)]]
+    if len(data) < _GROUP_HEADER.size or bytes(data[:4]) != GROUP_MAGIC:
+        raise CorruptBlobError("multi-group kvtc object without its group header")
+    _, version, count = _GROUP_HEADER.unpack_from(data)
+    if version != 1 or count != groups:
+        raise CorruptBlobError(f"group header declares {count} groups (version {version}); expected {groups}")
+    offset = group_header_size(count)
+    if offset > len(data):
+        raise CorruptBlobError("group header extends past the stored object")
+    out = []
+    for i in range(count):
+        (length,) = _GROUP_LENGTH.unpack_from(data, _GROUP_HEADER.size + _GROUP_LENGTH.size * i)
+        if offset + length > len(data):
+            raise CorruptBlobError(f"group {i} extends past the stored object")
+        out.append(data[offset : offset + length])
+        offset += length
+    return out
 
 
 def parse(blob: bytes | bytearray | memoryview) -> tuple[BlobHeader, memoryview]:
@@ -152,10 +222,4 @@ def _check_sizes(h: BlobHeader) -> None:
         raise CorruptBlobError(f"implausible token counts ({h.tokens} tokens, {h.exact_head}+{h.exact_tail} exact)")
     if not 0 <= h.start <= MAX_POSITION - h.tokens:
         raise CorruptBlobError(f"implausible start position {h.start}")
-    position = 0
-    for i, c in enumerate(h.chunks):
-        if c.offset < position or c.offset + c.compressed > h.payload_size:
-            raise CorruptBlobError(f"chunk {i} lies outside the payload")
-        if not 0 < c.raw <= CHUNK_SIZE:
-            raise CorruptBlobError(f"chunk {i} declares {c.raw} raw bytes")
-        position = c.offset + c.compressed
+    check_index(h.chunks, h.payload_size)

@@ -19,6 +19,7 @@ import torch
 
 from . import blob as wire
 from .calibration import STREAMS, Calibration
+from .defaults import SINKS, WINDOW
 from .entropy import CHUNK_ALIGNMENT, CHUNK_SIZE, CODER_RAW_DEFLATE, DeflateCPU
 from .entropy_gpu import DeflateNvcomp, select_coder
 from .errors import CalibrationMismatchError, CorruptBlobError, ForeignBlobError, LayoutError
@@ -68,7 +69,7 @@ class KVTCCodec:
         return sum(section_size(plan.rank(s), plan.streams[s].wide, tokens) for s in STREAMS)
 
     # -- encode ---------------------------------------------------------------------------
-    def encode(self, kv: torch.Tensor, start: int = 0, sinks: int = 4, window: int = 128, flags: int = 0,
+    def encode(self, kv: torch.Tensor, start: int = 0, sinks: int = SINKS, window: int = WINDOW, flags: int = 0,
                budget: int | None = None) -> bytes:
         """Compress ``kv [2, L, T, H·D]`` (bf16/fp16) whose first token sits at position ``start``.
 
@@ -192,7 +193,7 @@ class KVTCCodec:
         if plan_id is None:
             raise LayoutError("max_blob_size needs a plan_id: this codec has no plan of its own")
         n = tokens - exact_head - exact_tail
-        exact, exact_chunks = _deflate_bound(2 * cal.layers * (exact_head + exact_tail) * cal.hidden * dtype.itemsize)
+        exact, exact_chunks = _deflate_bound(wire.exact_size(cal.layers, exact_head + exact_tail, cal.hidden, dtype))
         stream, stream_chunks = _deflate_bound(self._section_size(plan_id, n) if n > 0 else 0)
         return wire.header_size(len(cal.model_id.encode()), exact_chunks + stream_chunks) + exact + stream
 
@@ -204,7 +205,7 @@ class KVTCCodec:
         cal = self.calibration
         plan_id = self.plan_id if plan_id is None else plan_id
         head = min(exact_head, tokens)
-        exact, exact_chunks = _deflate_bound(2 * cal.layers * head * cal.hidden * dtype.itemsize)
+        exact, exact_chunks = _deflate_bound(wire.exact_size(cal.layers, head, cal.hidden, dtype))
         symbols = margin * (tokens - head) * sum(cal.plans[plan_id].bits_per_token(s) for s in STREAMS) / 8
         stream_chunks = -(-self._section_size(plan_id, tokens - head) // CHUNK_SIZE)
         return (wire.header_size(len(cal.model_id.encode()), exact_chunks + stream_chunks) + exact
@@ -267,9 +268,8 @@ class KVTCCodec:
             raise CorruptBlobError("blob layout or plan does not match its calibration")
 
     def _expected_sections(self, h: wire.BlobHeader) -> tuple[int, int]:
-        exact = 2 * h.layers * (h.exact_head + h.exact_tail) * h.hidden * h.dtype.itemsize
         n = h.compressed_tokens
-        return exact, self._section_size(h.plan, n) if n else 0
+        return h.exact_bytes, self._section_size(h.plan, n) if n else 0
 
 
 def token_features(kv: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -> torch.Tensor:

@@ -25,12 +25,25 @@ class ChunkEntry:
     raw: int
 
 
+def check_index(index: list[ChunkEntry], payload_size: int, total: int | None = None) -> None:
+    """The chunk index every reader trusts only after this: chunks in order, inside the payload, not
+    overlapping, each inflating to 1..CHUNK_SIZE bytes (and to ``total`` together, when given)."""
+    position = 0
+    for i, c in enumerate(index):
+        if c.offset < position or c.compressed <= 0 or c.offset + c.compressed > payload_size:
+            raise CorruptBlobError(f"chunk {i} lies outside the payload")
+        if not 0 < c.raw <= CHUNK_SIZE:
+            raise CorruptBlobError(f"chunk {i} declares {c.raw} raw bytes")
+        position = c.offset + c.compressed
+    if total is not None and sum(c.raw for c in index) != total:
+        raise CorruptBlobError(f"chunk index inflates to {sum(c.raw for c in index)} bytes, expected {total}")
+
+
 class DeflateCPU:
     """zlib-compatible raw DEFLATE on the CPU.
 
     Huffman-only (no LZ77 matching) is the default: the symbols are nearly i.i.d. per
-    component, where match finding costs time and gains nothing (measured in
-    ``entropy-coding.md`` and on real caches).
+    component, where match finding costs time and gains nothing on real caches.
     """
 
     def __init__(self, level: int = 1, strategy: int = zlib.Z_HUFFMAN_ONLY):

@@ -1,9 +1,8 @@
 """GPU lossless stage: nvCOMP ``Deflate`` in RAW mode, writing the container :class:`DeflateCPU` writes.
 
-Why RAW Deflate: each ≤ 64 KiB chunk is then a bare RFC 1951 stream, which zlib reads and
-writes too, so a blob made on a GPU decodes on a CPU and the reverse (``entropy-coding.md``
-§2). The chunking, the 16-byte aligned offsets and the index are ours, exactly as in
-:mod:`.entropy`; only the bytes inside a chunk may differ between encoders.
+Why RAW Deflate: each ≤ 64 KiB chunk is then a bare RFC 1951 stream, which zlib reads and writes too, so a
+blob made on a GPU decodes on a CPU and the reverse. The chunking, the 16-byte aligned offsets and the index
+are ours, exactly as in :mod:`.entropy`; only the bytes inside a chunk may differ between encoders.
 
 Why detection by trying: ``import nvidia.nvcomp`` succeeds on a machine without a GPU and
 every ``Codec(...)`` raises there, so :func:`select_coder` builds a codec and round-trips a
@@ -30,7 +29,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from .entropy import CHUNK_ALIGNMENT, CHUNK_SIZE, ChunkEntry, DeflateCPU
+from .entropy import CHUNK_ALIGNMENT, CHUNK_SIZE, ChunkEntry, DeflateCPU, check_index
 from .errors import CorruptBlobError
 
 log = logging.getLogger(__name__)
@@ -163,7 +162,7 @@ class DeflateNvcomp:
         The payload may already live on the device (a tensor). Chunks whose output address is
         not aligned for nvCOMP are inflated into a scratch buffer and moved into place.
         """
-        _check_index(index, len(payload) if not isinstance(payload, torch.Tensor) else payload.numel(), total)
+        check_index(index, len(payload) if not isinstance(payload, torch.Tensor) else payload.numel(), total)
         if out is None:
             out = torch.empty(total, dtype=torch.uint8, device=self.device)
         if out.dtype != torch.uint8 or out.numel() != total or not out.is_contiguous() or out.device != self.device:
@@ -196,15 +195,6 @@ class DeflateNvcomp:
             if not direct:
                 torch.cat([target[s : s + r] for s, r in zip(slots, raw, strict=True)], out=out)
         return out
-
-
-def _check_index(index: list[ChunkEntry], payload_size: int, total: int) -> None:
-    """The checks DeflateCPU makes implicitly (and the blob parser makes), before any GPU work."""
-    for e in index:
-        if not 0 < e.raw <= CHUNK_SIZE or e.offset < 0 or e.compressed <= 0 or e.offset + e.compressed > payload_size:
-            raise CorruptBlobError(f"chunk at payload offset {e.offset} lies outside the payload or is oversized")
-    if sum(e.raw for e in index) != total:
-        raise CorruptBlobError(f"chunk index inflates to {sum(e.raw for e in index)} bytes, expected {total}")
 
 
 def _realign(src: torch.Tensor, index: list[ChunkEntry], device: torch.device) -> tuple[torch.Tensor, list[int]]:

@@ -14,9 +14,8 @@ def describe(data: bytes | bytearray | memoryview) -> dict:
     away from the sequence ends get); *pre-entropy* sizes use the inflated symbol stream.
     """
     header, payload = wire.parse(data)
-    itemsize = header.dtype.itemsize
-    token_bytes = header.kv_size * header.layers * header.hidden * itemsize
-    exact_raw = token_bytes * (header.exact_head + header.exact_tail)
+    token_bytes = wire.exact_size(header.layers, 1, header.hidden, header.dtype)
+    exact_raw = header.exact_bytes
     exact_chunks = header.chunks[: -(-exact_raw // CHUNK_SIZE)]
     exact_stored = (exact_chunks[-1].offset + exact_chunks[-1].compressed) if exact_chunks else 0
     header_bytes = wire.header_size(len(header.model_id.encode()), len(header.chunks))

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .defaults import CHUNK_TOKENS
 from .entropy import DeflateCPU
 from .quantizer import dequantize, quantize, wide_count
 
 #: tokens per chunk the curves are measured with: what LMCache hands the serde
-CURVE_CHUNK = 256
+CURVE_CHUNK = CHUNK_TOKENS
 #: held-out tokens a curve is measured on (8 chunks: enough for a stable estimate, half the cost of 4096)
 CURVE_TOKENS = 2048
 STEPS_PER_OCTAVE = 8

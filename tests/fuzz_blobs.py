@@ -36,7 +36,7 @@ from lmcache_kvtc import blob as wire
 from lmcache_kvtc.entropy import DeflateCPU
 from lmcache_kvtc.errors import CodecError, LayoutError
 from lmcache_kvtc.lmcache.classic import decode_record, pack_record
-from lmcache_kvtc.lmcache.engine import GROUP_MAGIC, KVTCEngine
+from lmcache_kvtc.lmcache.engine import KVTCEngine
 from lmcache_kvtc.lmcache.options import SerdeOptions
 
 #: no case may take longer than this in any door (a hang or an inflate bomb would)
@@ -81,11 +81,6 @@ def make_seeds(codec_for: Callable[[float], KVTCCodec], kv: torch.Tensor) -> lis
 def _header_end(blob: bytes) -> int:
     header, _ = wire.parse(blob)
     return wire.header_size(len(header.model_id.encode()), len(header.chunks))
-
-
-def _declared_extent(blob: bytes) -> int:
-    """Header + payload bytes of a valid blob (its zero padding left out)."""
-    return _header_end(blob) + wire.parse(blob)[0].payload_size
 
 
 def _fix_header_crc(buf: bytearray, end: int) -> bytes:
@@ -200,7 +195,7 @@ def group_container(rng: random.Random, blobs: list[bytes]) -> bytes:
     if rng.random() < 0.5:
         i = rng.randrange(2)
         lengths[i] = rng.choice((0, 1, lengths[i] - 1, lengths[i] + 1, (1 << 64) - 1))
-    return (struct.pack("<4sHH", GROUP_MAGIC, version, count) + b"".join(struct.pack("<Q", n) for n in lengths)
+    return (struct.pack("<4sHH", wire.GROUP_MAGIC, version, count) + b"".join(struct.pack("<Q", n) for n in lengths)
             + b"".join(blobs))
 
 
@@ -289,7 +284,7 @@ def _fuzz(doors: Doors, seeds: list[Seed], cases: int, seed: int, progress) -> d
         first, second = rng.choice(seeds), rng.choice(seeds)
         if strategy == "group_container":
             pair = [s for s in seeds if s.tokens == first.tokens]
-            blobs = [rng.choice(pair).blob[: _declared_extent(first.blob)], rng.choice(pair).blob]
+            blobs = [rng.choice(pair).blob[: wire.extent(first.blob)], rng.choice(pair).blob]
             if rng.random() < 0.5:
                 blobs[rng.randrange(2)] = STRATEGIES[rng.choice(list(STRATEGIES))](rng, first, second)
             data = group_container(rng, blobs)

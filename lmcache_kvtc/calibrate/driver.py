@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..calibration import Calibration, StreamBasis
 from ..codec import KVTCCodec, token_features
+from ..defaults import SINKS, WINDOW
 from ..fitting import DEFAULT_RATIOS, FeatureCovariance, Planner, add_batch, assemble
 from ..rope import RopeTable, rope_table_from_hf_config
 from .capture import kv_dims, prefill
@@ -29,8 +30,6 @@ from .metrics import compare_logits, continuation_logits
 
 log = logging.getLogger(__name__)
 
-SINKS = 4
-WINDOW = 128
 MAX_HELDOUT_TOKENS = 4096
 KEY_WEIGHT_CANDIDATES = (None, 16.0, 64.0)
 NORMALIZATIONS = ("none", "layer")

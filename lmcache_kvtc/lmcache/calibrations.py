@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmcache.logging import init_logger
+from lmcache.v1.distributed.api import ObjectKey
 
 from ..calibration import Calibration
 from ..errors import CalibrationError, CalibrationMismatchError
@@ -38,9 +39,10 @@ _SELECTOR_FIELDS = ("model_name", "tp_size", "tp_rank", "object_group_id", "kern
 
 
 def decode_kv_rank(kv_rank: int) -> tuple[int, int]:
-    """``(world_size, global_rank)`` from LMCache's packed ``kv_rank``
-    (``world_size << 24 | global_rank << 16 | local_world_size << 8 | local_rank``)."""
-    return (kv_rank >> 24) & 0xFF, (kv_rank >> 16) & 0xFF
+    """``(world_size, global_rank)`` from the ``kv_rank`` LMCache packs with ``ObjectKey.ComputeKVRank``
+    (``world_size << 24 | global_rank << 16 | local_world_size << 8 | local_rank``; 0.5.6 unpacks only the
+    world size itself)."""
+    return ObjectKey.WorldSizeFromKVRank(kv_rank), (kv_rank >> 16) & 0xFF
 
 
 def _norm(name: str) -> str:

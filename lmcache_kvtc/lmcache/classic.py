@@ -38,6 +38,7 @@ from lmcache.v1.memory_management import MemoryFormat
 from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
 
 from ..blob import DTYPE_CODES
+from ..defaults import CHUNK_TOKENS
 from ..errors import CodecError, CorruptBlobError
 from .blob_stores import BlobStore, DiskStore, MemoryStore, RedisStore
 from .engine import KVTCEngine
@@ -148,7 +149,7 @@ class KVTCStoragePlugin(StoragePluginInterface):
             if local_cpu_backend is None:
                 raise ValueError("LMCache passed no local_cpu_backend to allocate decoded chunks from")
             self.store = store_from_options(store, max_bytes)
-            self.max_tokens = int(getattr(config, "chunk_size", 0) or 256)
+            self.max_tokens = int(getattr(config, "chunk_size", 0) or CHUNK_TOKENS)
         except (ValueError, OSError, CodecError) as exc:
             log.error("=" * 80)
             log.error("kvtc storage plugin NOT created, so LMCache runs WITHOUT the KVTC tier: %s", exc)
@@ -162,7 +163,8 @@ class KVTCStoragePlugin(StoragePluginInterface):
 
     @staticmethod
     def _object_key(key) -> ObjectKey:
-        rank = (int(getattr(key, "world_size", 1)) << 24) | (int(getattr(key, "worker_id", 0)) << 16)
+        world, worker = int(getattr(key, "world_size", 1)), int(getattr(key, "worker_id", 0))
+        rank = ObjectKey.ComputeKVRank(world_size=world, global_rank=worker, local_world_size=world, local_rank=worker)
         return ObjectKey(chunk_hash=str(key.chunk_hash).encode(), model_name=key.model_name, kv_rank=rank)
 
     @staticmethod

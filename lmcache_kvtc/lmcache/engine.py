@@ -11,7 +11,6 @@ Shared by the MP serde (:mod:`.serde`) and the classic storage plugin (:mod:`.cl
 from __future__ import annotations
 
 import contextlib
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from lmcache.v1.distributed.api import ObjectKey
 from .. import blob as wire
 from ..calibration import Calibration
 from ..codec import KVTCCodec
+from ..defaults import CHUNK_TOKENS
 from ..errors import CodecError, CorruptBlobError, LayoutError
 from . import vllm_cpu
 from .calibrations import CalibrationSet
@@ -33,10 +33,6 @@ from .position import PositionEstimator
 log = init_logger(__name__)
 
 #: container for multi-group objects: magic, version, group count, then one u64 length per blob
-GROUP_MAGIC = b"KVTG"
-_GROUP_HEADER = struct.Struct("<4sHH")
-_GROUP_LENGTH = struct.Struct("<Q")
-_BLOB_EXTENT = struct.Struct("<8xI52xQ")  # header_size at offset 8, payload_size at offset 64
 
 
 @dataclass(frozen=True)
@@ -84,8 +80,8 @@ class KVTCEngine:
         """Derive vLLM-CPU's mapping for LMCache's default 256-token chunks of every calibration (bf16)."""
         for calibration in self.calibrations.all():
             try:
-                vllm_cpu.mapping(self.options.paged_block_size, self.options.chunk_size or 256, calibration.kv_heads,
-                                 calibration.head_dim, torch.bfloat16)
+                vllm_cpu.mapping(self.options.paged_block_size, self.options.chunk_size or CHUNK_TOKENS,
+                                 calibration.kv_heads, calibration.head_dim, torch.bfloat16)
             except UnsupportedLayoutError as exc:  # remembered: every such chunk will be refused with it
                 log.error("kvtc: vLLM-CPU objects will be refused: %s", exc)
 
@@ -147,7 +143,7 @@ class KVTCEngine:
         if signature not in self._budgets:
             layouts = self.group_layouts(shapes, dtypes)
             raw = [2 * g.layers * g.tokens * g.hidden * g.dtype.itemsize for g in layouts]
-            total = int(sum(raw) // self.options.ratio) - _container_size(len(layouts))
+            total = int(sum(raw) // self.options.ratio) - wire.group_header_size(len(layouts))
             self._budgets[signature] = [max(total * r // sum(raw), self.group_floor(g))
                                         for r, g in zip(raw, layouts, strict=True)]
         return self._budgets[signature]
@@ -155,7 +151,7 @@ class KVTCEngine:
     def estimate(self, shapes, dtypes) -> int:
         """The fixed blob size of an object layout: its budgets plus the container header, if any."""
         budgets = self.budgets(shapes, dtypes)
-        return _container_size(len(budgets)) + sum(budgets)
+        return wire.group_header_size(len(budgets)) + sum(budgets)
 
     def encode(self, tensors: list[torch.Tensor], key: ObjectKey | None) -> bytes:
         """One object's kernel groups as one blob (or a group container); raises ``CodecError`` if unsupported."""
@@ -193,15 +189,12 @@ class KVTCEngine:
                 event = EncodeEvent(key, i, guess.start, guess.candidates, len(blob), raw, plan_ratio)
                 for callback in list(_observers):
                     callback(event)
-        if len(blobs) == 1:
-            return blobs[0]
-        header = _GROUP_HEADER.pack(GROUP_MAGIC, 1, len(blobs)) + b"".join(_GROUP_LENGTH.pack(len(b)) for b in blobs)
-        return header + b"".join(blobs)
+        return wire.pack_groups(blobs)
 
     def decode(self, data: memoryview, shapes, dtypes) -> list[torch.Tensor]:
         """Every kernel group of a stored object, fully validated against the expected layout, on CPU."""
         layouts = self.group_layouts(shapes, dtypes)
-        blobs = _split_groups(data, len(layouts))
+        blobs = wire.split_groups(data, len(layouts))
         return [self._decode_group(b, layout) for b, layout in zip(blobs, layouts, strict=True)]
 
     def _decode_group(self, blob: memoryview, layout: GroupLayout) -> torch.Tensor:
@@ -221,43 +214,6 @@ class KVTCEngine:
             self._refused.add(tag)
             log.error("kvtc: cannot code LMCache object %s: %s -- the store fails (cache miss); "
                       "nothing is written", tag, exc)
-
-
-def _container_size(groups: int) -> int:
-    return 0 if groups == 1 else _GROUP_HEADER.size + _GROUP_LENGTH.size * groups
-
-
-def _split_groups(data: memoryview, groups: int) -> list[memoryview]:
-    """The blob(s) inside a stored object, each cut to its declared extent (zero padding dropped)."""
-    if groups == 1:
-        return [data[: _extent(data)]]
-    if len(data) < _GROUP_HEADER.size or bytes(data[:4]) != GROUP_MAGIC:
-        raise CorruptBlobError("multi-group kvtc object without its group header")
-    _, version, count = _GROUP_HEADER.unpack_from(data)
-    if version != 1 or count != groups:
-        raise CorruptBlobError(f"group header declares {count} groups (version {version}); expected {groups}")
-    offset = _GROUP_HEADER.size + _GROUP_LENGTH.size * count
-    if offset > len(data):
-        raise CorruptBlobError("group header extends past the stored object")
-    out = []
-    for i in range(count):
-        (length,) = _GROUP_LENGTH.unpack_from(data, _GROUP_HEADER.size + _GROUP_LENGTH.size * i)
-        if offset + length > len(data):
-            raise CorruptBlobError(f"group {i} extends past the stored object")
-        out.append(data[offset : offset + length])
-        offset += length
-    return out
-
-
-def _extent(data: memoryview) -> int:
-    """Bytes of header + payload a blob declares; padding (or an adapter's slack) after it is ignored.
-
-    ``wire.parse`` then checks both CRCs over exactly these bytes.
-    """
-    if len(data) < _BLOB_EXTENT.size or bytes(data[:4]) != wire.MAGIC:
-        return len(data)  # let wire.parse produce the precise error
-    header_size, payload_size = _BLOB_EXTENT.unpack_from(data)
-    return min(len(data), header_size + payload_size)
 
 
 def describe_layout(shapes, dtypes) -> tuple:

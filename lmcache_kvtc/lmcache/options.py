@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ..defaults import SINKS
+
 LAYOUTS = ("auto", "vllm-cpu")
 
 
@@ -35,7 +37,7 @@ class SerdeOptions:
     device: str = "cpu"
     fixed_size: bool = True
     max_workers: int = 1
-    sinks: int = 4
+    sinks: int = SINKS
     max_position: int = 131072
     chunk_size: int = 0
     layout: str = "auto"
