@@ -19,7 +19,8 @@ from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface
 from lmcache.v1.metadata import LMCacheMetadata
 from lmcache_helpers import standalone
 
-from lmcache_kvtc.lmcache.classic import KVTCStoragePlugin
+from lmcache_kvtc.lmcache.classic import KVTCStoragePlugin, options_from_extra_config
+from lmcache_kvtc.lmcache.options import SerdeOptions
 
 YAML = """
 chunk_size: 256
@@ -137,3 +138,22 @@ def test_a_broken_plugin_config_is_loud(small_calibration, tmp_path, caplog):
     finally:
         LMCacheEngineBuilder.destroy("kvtc-classic-broken")
     assert "kvtc storage plugin NOT created" in caplog.text  # ...but not silently
+
+
+@pytest.mark.parametrize(("key", "value", "accepted"), [("ratio", 16, True), ("ratio", "16", False),
+                                                     ("sinks", 4.0, False), ("sinks", True, False),
+                                                     ("device", "cpu", True), ("max_position", 0, False)])
+def test_the_classic_plugin_and_the_mp_serde_read_an_option_the_same_way(key, value, accepted):
+    """One parser: a value the MP serde's JSON refuses, the classic YAML refuses too (and the reverse)."""
+    def parse_mp():
+        return SerdeOptions.from_kwargs({"calibration": "/c", key: value})
+
+    def parse_classic():
+        return options_from_extra_config({"kvtc.calibration": "/c", f"kvtc.{key}": value})[0]
+
+    if accepted:
+        assert getattr(parse_mp(), key) == getattr(parse_classic(), key) == value
+    else:
+        for parse, source in ((parse_mp, "kvtc serde: "), (parse_classic, "kvtc.")):
+            with pytest.raises(ValueError, match=source.replace(".", r"\.")):
+                parse()

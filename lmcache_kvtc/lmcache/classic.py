@@ -42,14 +42,13 @@ from ..defaults import CHUNK_TOKENS
 from ..errors import CodecError, CorruptBlobError
 from .blob_stores import BlobStore, DiskStore, MemoryStore, RedisStore
 from .engine import KVTCEngine
-from .options import SerdeOptions
+from .options import SerdeOptions, typed
 
 log = init_logger(__name__)
 
 PREFIX = "kvtc."
-_KEYS = {"calibration": str, "ratio": float, "device": str, "max_size_gb": float, "sinks": int, "max_position": int,
-         "store": str, "path": str, "redis_url": str}
-_STORE_KEYS = ("store", "path", "redis_url")
+_SERDE_KEYS = ("calibration", "ratio", "device", "sinks", "max_position")  # parsed by SerdeOptions
+_PLUGIN_KEYS = {"max_size_gb": float, "store": str, "path": str, "redis_url": str}
 _RECORD = struct.Struct("<4sHBBB")
 _RECORD_MAGIC = b"KVTR"
 _DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -118,23 +117,17 @@ def options_from_extra_config(extra: dict | None) -> tuple[SerdeOptions, int, di
     ``ValueError``."""
     extra = extra or {}
     values = {k[len(PREFIX) :]: v for k, v in extra.items() if isinstance(k, str) and k.startswith(PREFIX)}
-    unknown = set(values) - set(_KEYS)
+    known = (*_SERDE_KEYS, *_PLUGIN_KEYS)
+    unknown = set(values) - set(known)
     if unknown:
         raise ValueError(f"unknown extra_config keys {sorted(PREFIX + k for k in unknown)}; "
-                         f"known: {sorted(PREFIX + k for k in _KEYS)}")
-    if not values.get("calibration"):
-        raise ValueError("extra_config needs kvtc.calibration (a calibration file or directory)")
-    typed = {}
-    for name, value in values.items():
-        try:
-            typed[name] = _KEYS[name](value)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{PREFIX}{name} must be {_KEYS[name].__name__}, got {value!r}") from exc
-    limit = int(typed.pop("max_size_gb", 1.0) * 2**30)
+                         f"known: {sorted(PREFIX + k for k in known)}")
+    plugin = {k: typed(k, values.pop(k), kind, PREFIX) for k, kind in _PLUGIN_KEYS.items() if k in values}
+    options = SerdeOptions.from_kwargs({**values, "fixed_size": False}, source=PREFIX)
+    limit = int(plugin.pop("max_size_gb", 1.0) * 2**30)
     if limit <= 0:
         raise ValueError("kvtc.max_size_gb must be positive")
-    store = {k: typed.pop(k) for k in _STORE_KEYS if k in typed}
-    return SerdeOptions(fixed_size=False, **typed), limit, store
+    return options, limit, plugin
 
 
 class KVTCStoragePlugin(StoragePluginInterface):

@@ -46,30 +46,36 @@ class SerdeOptions:
     aes_bits: int = 256
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict[str, object]) -> SerdeOptions:
+    def from_kwargs(cls, kwargs: dict[str, object], source: str = "kvtc serde: ") -> SerdeOptions:
+        """Validated options; ``ValueError`` naming ``source`` + the key. The one parser of the MP serde's JSON
+        and the classic plugin's ``kvtc.*`` keys (``source="kvtc."``), so both read a value the same way."""
         known = {f.name: f for f in fields(cls)}
         unknown = set(kwargs) - set(known)
         if unknown:
-            raise ValueError(f"kvtc serde: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(f"{source}unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
         if not isinstance(kwargs.get("calibration"), str) or not kwargs["calibration"]:
-            raise ValueError("kvtc serde: 'calibration' (a calibration file or directory) is required")
-        values: dict[str, object] = {}
-        for name, value in kwargs.items():
-            kind = {"float": float, "int": int, "bool": bool, "str": str}[str(known[name].type)]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ValueError(f"kvtc serde: {name} must be {kind.__name__}, got {value!r}")
-            values[name] = value
-        options = cls(**values)
+            raise ValueError(f"{source}calibration (a calibration file or directory) is required")
+        kinds = {"float": float, "int": int, "bool": bool, "str": str}
+        options = cls(**{name: typed(name, value, kinds[str(known[name].type)], source)
+                         for name, value in kwargs.items()})
         if (not options.ratio >= 1 or options.max_workers < 1 or options.sinks < 0 or options.max_position < 1
                 or options.chunk_size < 0 or options.block_size < 1):
-            raise ValueError(f"kvtc serde: out-of-range option in {kwargs}")
+            raise ValueError(f"{source}out-of-range option in {kwargs}")
         if options.layout not in LAYOUTS:
-            raise ValueError(f"kvtc serde: layout must be one of {LAYOUTS}, got {options.layout!r}")
+            raise ValueError(f"{source}layout must be one of {LAYOUTS}, got {options.layout!r}")
         return options
 
     @property
     def paged_block_size(self) -> int:
         """vLLM's block size when 3-D objects are vLLM-CPU's paged blocks, else 0."""
         return self.block_size if self.layout == "vllm-cpu" else 0
+
+
+def typed(name: str, value: object, kind: type, source: str = "kvtc serde: ") -> object:
+    """``value`` if it is a ``kind`` (an int is also a float; a bool is not a number); no coercion from
+    strings, so ``"16"`` is an error in JSON and YAML alike."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        raise ValueError(f"{source}{name} must be {kind.__name__}, got {value!r}")
+    return value
