@@ -20,8 +20,8 @@ import torch
 from . import blob as wire
 from .calibration import STREAMS, Calibration
 from .defaults import SINKS, WINDOW
-from .entropy import CHUNK_ALIGNMENT, CHUNK_SIZE, CODER_RAW_DEFLATE, DeflateCPU
-from .entropy_gpu import DeflateNvcomp, select_coder
+from .entropy import CHUNK_ALIGNMENT, CHUNK_SIZE, CODER_RAW_DEFLATE, EntropyCoder
+from .entropy_gpu import select_coder
 from .errors import CalibrationMismatchError, CorruptBlobError, ForeignBlobError, LayoutError
 from .quantizer import WIDE_LIMIT, dequantize, quantize, section_size
 from .rope import RopeTable
@@ -51,7 +51,7 @@ class KVTCCodec:
     """
 
     def __init__(self, calibration: Calibration, device: str | torch.device = "cpu", ratio: float | None = 16,
-                 coder: DeflateCPU | DeflateNvcomp | None = None):
+                 coder: EntropyCoder | None = None):
         self.calibration = calibration
         self.device = torch.device(device)
         self.plan_id = None if ratio is None else calibration.plan_index(ratio)
@@ -107,11 +107,10 @@ class KVTCCodec:
                       coefficients)
 
     def _blob(self, chunk: _Chunk, plan_id: int, flags: int) -> bytes:
-        host = isinstance(self.coder, DeflateCPU)  # nvCOMP takes device tensors: symbols never leave the GPU
-        sections = [chunk.exact]
+        sections = [chunk.exact]  # tensors on the codec's device: on a GPU the symbols never leave it
         if chunk.coefficients:
             sections.append(torch.cat([self._encode_stream(plan_id, s, chunk.coefficients[s]) for s in STREAMS]))
-        payload, index = self.coder.compress([_to_bytes(t) for t in sections] if host else sections)
+        payload, index = self.coder.compress(sections)
         _, layers, tokens, hidden = chunk.shape
         header = wire.BlobHeader(
             fingerprint=self.calibration.fingerprint, model_id=self.calibration.model_id, kv_size=2,
@@ -227,11 +226,7 @@ class KVTCCodec:
                                    f"expects {tokens} of {dtype}")
         exact_bytes, stream_bytes = self._expected_sections(header)
         _check_chunks(header, exact_bytes, stream_bytes)
-        if isinstance(self.coder, DeflateNvcomp):  # inflated straight into device memory
-            buffer = self.coder.decompress_tensor(payload, header.chunks, exact_bytes + stream_bytes)
-        else:
-            data = self.coder.decompress(payload, header.chunks, exact_bytes + stream_bytes)
-            buffer = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        buffer = self.coder.decompress_tensor(payload, header.chunks, exact_bytes + stream_bytes)
         out = torch.empty(2, header.layers, header.tokens, header.hidden, dtype=header.dtype, device=self.device)
         head, tail, n = header.exact_head, header.exact_tail, header.compressed_tokens
         exact = buffer[:exact_bytes].to(self.device).view(header.dtype)
@@ -291,9 +286,3 @@ def _deflate_bound(raw: int) -> tuple[int, int]:
     """Worst-case payload bytes (alignment included) and chunk count of ``raw`` bytes in raw DEFLATE chunks."""
     chunks = -(-raw // CHUNK_SIZE)
     return raw + chunks * ((CHUNK_SIZE >> 12) + 64 + 16), chunks
-
-
-def _to_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().cpu().numpy().tobytes()
-
-

@@ -3,12 +3,20 @@
 Raw DEFLATE per 64 KiB chunk is what nvCOMP's ``Deflate`` codec in RAW mode reads and
 writes, so a blob made here decodes on a GPU and the reverse. The blob keeps its own index
 (offset, compressed size, uncompressed size) since raw streams carry no sizes.
+
+Every backend is an :class:`EntropyCoder`: the codec calls only ``compress`` and ``decompress_tensor``, so
+a new backend is a new class (like :class:`DeflateCPU` here and ``entropy_gpu.DeflateNvcomp``) plus a line in
+``entropy_gpu.select_coder``, never an edit to the codec.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+import torch
 
 from .errors import CorruptBlobError
 
@@ -23,6 +31,26 @@ class ChunkEntry:
     offset: int  # from the start of the payload
     compressed: int
     raw: int
+
+
+#: what a section to compress may be: host bytes, or a uint8 tensor on the coder's device
+Section = bytes | bytearray | memoryview | torch.Tensor
+
+
+class EntropyCoder(Protocol):
+    """The lossless stage: sections -> raw DEFLATE chunks in the blob's container, and back on ``device``.
+
+    Backends differ only in where the bytes are; a payload one writes, every other one reads."""
+
+    device: torch.device
+
+    def compress(self, sections: Sequence[Section]) -> tuple[bytes, list[ChunkEntry]]:
+        """``(payload, chunk index)``; a chunk never spans two sections."""
+        ...
+
+    def decompress_tensor(self, payload: Section, index: list[ChunkEntry], total: int) -> torch.Tensor:
+        """The ``total`` inflated bytes as a uint8 tensor on ``device``; ``CorruptBlobError`` if they are not."""
+        ...
 
 
 def check_index(index: list[ChunkEntry], payload_size: int, total: int | None = None) -> None:
@@ -46,11 +74,13 @@ class DeflateCPU:
     component, where match finding costs time and gains nothing on real caches.
     """
 
+    device = torch.device("cpu")
+
     def __init__(self, level: int = 1, strategy: int = zlib.Z_HUFFMAN_ONLY):
         self.level = level
         self.strategy = strategy
 
-    def compress(self, sections: list[bytes]) -> tuple[bytes, list[ChunkEntry]]:
+    def compress(self, sections: Sequence[Section]) -> tuple[bytes, list[ChunkEntry]]:
         """Compress each section in chunks of ≤ 64 KiB (a chunk never spans two sections).
 
         Keeping sections apart lets a report attribute compressed bytes to each of them.
@@ -59,6 +89,8 @@ class DeflateCPU:
         out = bytearray()
         index = []
         for section in sections:
+            if isinstance(section, torch.Tensor):
+                section = section.contiguous().cpu().numpy().tobytes()
             view = memoryview(section).cast("B")
             for begin in range(0, len(view), CHUNK_SIZE):
                 raw = view[begin : begin + CHUNK_SIZE]
@@ -68,6 +100,12 @@ class DeflateCPU:
                 index.append(ChunkEntry(len(out), len(packed), len(raw)))
                 out += packed
         return bytes(out), index
+
+    def decompress_tensor(self, payload: Section, index: list[ChunkEntry], total: int) -> torch.Tensor:
+        if isinstance(payload, torch.Tensor):
+            payload = memoryview(payload.contiguous().cpu().numpy())
+        data = self.decompress(payload, index, total)
+        return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
     @staticmethod
     def decompress(payload: memoryview, index: list[ChunkEntry], total: int) -> bytearray:

@@ -29,12 +29,11 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from .entropy import CHUNK_ALIGNMENT, CHUNK_SIZE, ChunkEntry, DeflateCPU, check_index
+from .entropy import CHUNK_ALIGNMENT, CHUNK_SIZE, ChunkEntry, DeflateCPU, EntropyCoder, Section, check_index
 from .errors import CorruptBlobError
 
 log = logging.getLogger(__name__)
 
-Section = bytes | bytearray | memoryview | torch.Tensor
 #: nvCOMP Deflate algorithm_type 0: entropy-only, the GPU analogue of DeflateCPU's Huffman-only default.
 ENTROPY_ONLY = 0
 
@@ -239,7 +238,7 @@ def _detect(device: torch.device) -> bool | None:
     return coder.sizes_config
 
 
-def select_coder(device: str | torch.device = "cuda") -> DeflateCPU | DeflateNvcomp:
+def select_coder(device: str | torch.device = "cuda") -> EntropyCoder:
     """The entropy coder for ``device``: nvCOMP when it works there, else :class:`DeflateCPU`.
 
     The verdict is cached per device (one log line, at the first call). A fresh coder is
