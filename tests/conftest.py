@@ -57,6 +57,14 @@ def eval_kv(qwen05):
     return kv, ids
 
 
+@pytest.fixture(scope="session")
+def synthetic():
+    """``(calibration, make)``: a model-free calibration and a maker of KV like it (:mod:`synthetic`)."""
+    from synthetic import synthetic_calibration
+
+    return synthetic_calibration()
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)

@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from synthetic import synthetic_calibration
 
 from lmcache_kvtc import entropy_gpu
 from lmcache_kvtc.codec import KVTCCodec
@@ -236,11 +235,6 @@ def test_probe_accepts_the_standin_and_rejects_a_broken_one():
     probe(_standin_coder()[0])
     with pytest.raises(Exception):  # noqa: B017 - any failure is a "no"
         probe(_standin_coder(broken=True)[0])
-
-
-@pytest.fixture(scope="module")
-def synthetic():
-    return synthetic_calibration()
 
 
 def test_standin_coder_inside_the_codec_gives_the_same_kv_as_the_cpu_coder(synthetic):
