@@ -38,3 +38,20 @@ def byte_buffer(size: int):
 
 def stored_files(root: Path) -> list[Path]:
     return sorted(p for p in Path(root).rglob("*") if p.is_file())
+
+
+LOADER = {"type": "plugin", "module_path": "lmcache_kvtc.lmcache.loader", "class_name": "KVTCLoaderAdapter"}
+
+
+def redis_storage_manager(redis_server, calibration_path, reconnect_seconds: float):
+    """``(StorageManager, listener)``: one L2 tier, the test's Redis behind the kvtc loader adapter (which
+    rebuilds 0.5.6's connection after an outage), kvtc serde at 16x."""
+    from calibration import tiers
+
+    inner = {"type": "resp", "host": redis_server.host, "port": redis_server.port}
+    spec = tiers.with_kvtc({**LOADER, "adapter_params": {"inner": inner, "reconnect_seconds": reconnect_seconds}},
+                           str(calibration_path), 16)
+    sm = tiers.storage_manager([spec])
+    listener = tiers.StoreListener()
+    sm.register_l2_listener(listener)
+    return sm, listener

@@ -11,14 +11,12 @@ import time
 
 import pytest
 import torch
-from lmcache_helpers import standalone, stored_files
+from lmcache_helpers import redis_storage_manager, standalone, stored_files
 from prepared import missing
 
 from calibration import tiers
 from lmcache_kvtc import Calibration
 from lmcache_kvtc.lmcache.serde import KVTCEngine, SerdeOptions
-
-LOADER = {"type": "plugin", "module_path": "lmcache_kvtc.lmcache.loader", "class_name": "KVTCLoaderAdapter"}
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +49,7 @@ def test_redis_killed_mid_stream_costs_misses_only_and_recovers_with_or_without_
         chunks, expected, small_calibration_path, small_calibration, redis_server, capsys):
     redis_server.stop()
     redis_server.start(persist=True)
-    inner = {"type": "resp", "host": redis_server.host, "port": redis_server.port}
-    spec = tiers.with_kvtc({**LOADER, "adapter_params": {"inner": inner, "reconnect_seconds": 0.2}},
-                           str(small_calibration_path), 16)
-    sm = tiers.storage_manager([spec])
-    listener = tiers.StoreListener()
-    sm.register_l2_listener(listener)
+    sm, listener = redis_storage_manager(redis_server, small_calibration_path, reconnect_seconds=0.2)
     name, shape = small_calibration.model_id, chunks[0].shape
 
     def load(keys):

@@ -7,12 +7,10 @@ import time
 import pytest
 import redis
 import torch
-from lmcache_helpers import standalone
+from lmcache_helpers import redis_storage_manager, standalone
 
 from calibration import tiers
 from lmcache_kvtc.lmcache.serde import KVTCEngine, SerdeOptions
-
-LOADER = {"type": "plugin", "module_path": "lmcache_kvtc.lmcache.loader", "class_name": "KVTCLoaderAdapter"}
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +35,7 @@ def test_resp_round_trip_stores_fixed_size_blobs(chunks, small_calibration_path,
 
 def test_redis_outage_fails_stores_misses_loads_and_recovers(chunks, small_calibration_path, small_calibration,
                                                             redis_server):
-    inner = {"type": "resp", "host": redis_server.host, "port": redis_server.port}
-    spec = tiers.with_kvtc({**LOADER, "adapter_params": {"inner": inner, "reconnect_seconds": 0.5}},
-                           str(small_calibration_path), 16)
-    sm = tiers.storage_manager([spec])
-    listener = tiers.StoreListener()
-    sm.register_l2_listener(listener)
+    sm, listener = redis_storage_manager(redis_server, small_calibration_path, reconnect_seconds=0.5)
     name, shape = small_calibration.model_id, chunks[0].shape
     try:
         before = tiers.chunk_keys(name, 2)

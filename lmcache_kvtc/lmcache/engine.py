@@ -32,8 +32,6 @@ from .position import PositionEstimator
 
 log = init_logger(__name__)
 
-#: container for multi-group objects: magic, version, group count, then one u64 length per blob
-
 
 @dataclass(frozen=True)
 class EncodeEvent:
