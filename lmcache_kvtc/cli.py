@@ -9,27 +9,27 @@ and say so when it is not there. The benchmarks are checkout tools too: ``python
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from .fitting import DEFAULT_RATIOS
 
 
-def checkout(command: str):
-    """The checkout's ``calibration`` package (offline models, texts, the main job), or a clear exit without it."""
+def checkout(command: str, module: str) -> ModuleType:
+    """``calibration.<module>`` of the checkout (offline models, texts, the main job), or a clear exit without it."""
     root = Path(__file__).resolve().parents[1]
     if (root / "calibration" / "roundtrip.py").is_file() and str(root) not in sys.path:
         sys.path.insert(0, str(root))  # an editable install from a checkout
     try:
-        import calibration.calibrate
-        import calibration.roundtrip  # noqa: F401
+        return importlib.import_module(f"calibration.{module}")
     except ImportError as exc:
         raise SystemExit(f"kvtc {command}: needs a checkout of lmcache-kvtc (its calibration/ folder holds the offline "
                          f"models, texts and the main job; {exc}). From an installed package: "
                          "kvtc calibrate --model HF_MODEL_DIR --text FILE... --out FILE") from None
-    return calibration
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -39,12 +39,12 @@ def _calibrate(args: argparse.Namespace) -> int:
         documents = [Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text]
         source = ", ".join(args.text)
     else:
-        recipes = checkout("calibrate")
-        documents, source = recipes.texts.prepare("wikipedia_en"), recipes.calibrate.WIKIPEDIA
+        recipes = checkout("calibrate", "calibrate")
+        documents, source = recipes.texts.prepare("wikipedia_en"), recipes.WIKIPEDIA
     if Path(args.model).is_dir():
         from .calibrate.driver import calibrate
     else:  # a name of the checkout's offline registry
-        calibrate = checkout("calibrate").calibrate.calibrate
+        calibrate = checkout("calibrate", "calibrate").calibrate
     cal = calibrate(args.model, documents, source=source, **options)
     print(f"wrote {args.out} (fingerprint {cal.fingerprint.hex()}); report {Path(args.out).with_suffix('.report')}")
     return 0
@@ -64,7 +64,7 @@ def key_weight(text: str) -> str | float | None:
 
 
 def _roundtrip(args: argparse.Namespace) -> int:
-    roundtrip = checkout("roundtrip").roundtrip
+    roundtrip = checkout("roundtrip", "roundtrip")
     result = roundtrip.run(model=args.model, calibration=args.calibration, ratio=args.ratio, context=args.context,
                  blob_path=args.blob, lmcache=not args.no_lmcache)
     print(json.dumps(result, indent=2) if args.json else roundtrip.format_report(result))

@@ -25,7 +25,7 @@ from lmcache_kvtc import KVTCCodec  # noqa: E402
 from lmcache_kvtc.lmcache.engine import KVTCEngine  # noqa: E402
 from lmcache_kvtc.lmcache.options import SerdeOptions  # noqa: E402
 
-#: name -> (blob file, how it is decoded); shapes are LMCache MP kernel-group shapes for the engine cases
+#: serde-engine cases: name -> the LMCache MP kernel-group shapes of one stored object
 ENGINE_CASES = {
     "engine-split": [(2, 2, 256, 64)],  # one kernel group: a bare kvtc blob, zero-padded to its fixed size
     "engine-two-groups": [(2, 2, 256, 64), (1, 2, 256, 128)],  # split + fused: a KVTG group container
