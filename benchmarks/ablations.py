@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 
-from calibration import texts
-from calibration.calibrate import load_model
+from calibration import models, texts
 from lmcache_kvtc import Calibration
 from lmcache_kvtc.calibrate.capture import kv_dims
 from lmcache_kvtc.calibrate.driver import capture, split_contexts
-from lmcache_kvtc.fitting import Planner, assemble
+from lmcache_kvtc.calibrate.fitting import Planner, assemble
 from lmcache_kvtc.rope import RopeTable, rope_table_from_hf_config
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ def _build(reference: Calibration, ratios: Sequence[float]) -> dict[str, Calibra
     if not str(info.get("source", "")).startswith("wikipedia"):
         raise ValueError(f"ablations refit on Wikipedia; {reference.model_id} was calibrated on {info.get('source')!r}")
     model, key_weight, context = info["model"], info.get("key_weight"), info["context_tokens"]
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = models.load(model)
     layers = kv_dims(lm.config)[0]
     rope = rope_table_from_hf_config(lm.config.get_text_config(decoder=True))
     fit_ids, heldout_ids = split_contexts(tokenizer, texts.wikipedia_articles(), info["contexts"] * context, context,

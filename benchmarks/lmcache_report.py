@@ -10,7 +10,6 @@ cache. A multi-key retrieval test (keys for coloured doors planted in the prefix
 runs through the same paths, and long contexts measure the serde's position estimate.
 
     python -m benchmarks.lmcache_report --model qwen2.5-coder-0.5b --out benchmarks/results/qwen2.5-coder-0.5b-lmcache
-    kvtc bench --lmcache ...  (same arguments)
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from calibration import models, texts, tiers
-from calibration.calibrate import default_calibration
+from calibration.recipes import default_calibration
 from lmcache_kvtc import Calibration, KVTCCodec
 from lmcache_kvtc.calibrate.capture import kv_dims, prefill
 from lmcache_kvtc.calibrate.metrics import compare_logits, continuation_logits, relative_error
@@ -94,10 +93,10 @@ def baseline_method(baseline: Baseline) -> PathMethod:
 
 def standalone_method(calibration: Calibration, ratio: float) -> PathMethod:
     """The standalone API on the whole prefix (4 sinks and a 128-token window exact): not what LMCache does."""
-    codec = KVTCCodec(calibration, ratio=ratio)
+    codec, plan = KVTCCodec(calibration), calibration.plan_index(ratio)
 
     def restore(kv):
-        blob = codec.encode(kv, start=0, sinks=4, window=128)
+        blob = codec.encode(kv, plan=plan, start=0, sinks=4, window=128)
         return codec.decode(blob), {"blob_bytes_per_chunk": len(blob) / (kv.shape[2] // CHUNK)}
 
     return PathMethod(f"standalone plan {ratio:g}, whole prefix, window 128", "standalone", ratio, restore)
@@ -280,7 +279,7 @@ def write(report: dict, out: Path | None) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="kvtc bench --lmcache", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.lmcache_report", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=MODEL, help=f"offline model name (default {MODEL})")
     parser.add_argument("--calibration", type=Path, help="calibration file (default: the model's embedded default)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[8, 12, 16, 20, 24, 32])

@@ -32,10 +32,10 @@ def region(kv: torch.Tensor) -> slice:
 
 
 def kvtc(calibration: Calibration, ratio: float, kind: str = "kvtc", label: str = "KVTC") -> Method:
-    codec = KVTCCodec(calibration, ratio=ratio)
+    codec, plan = KVTCCodec(calibration), calibration.plan_index(ratio)
 
     def restore(kv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        blob = codec.encode(kv, start=0, sinks=SINKS, window=WINDOW)
+        blob = codec.encode(kv, plan=plan, start=0, sinks=SINKS, window=WINDOW)
         ratios = describe(blob)["ratio"]
         return codec.decode(blob), {"region_ratio": ratios["region"], "overall_ratio": ratios["overall"],
                                     "region_pre_entropy": ratios["region_pre_entropy"], "plan": ratio}

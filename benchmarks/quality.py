@@ -8,7 +8,6 @@ compressed tokens only; overall = the whole cache). Then a passkey planted at se
 of held-out text is asked for with each codec's cache.
 
     python -m benchmarks.quality --model qwen2.5-coder-0.5b --context 4096 --out benchmarks/results/q05-4k
-    kvtc bench ...  (same arguments)
 """
 
 from __future__ import annotations
@@ -20,13 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from calibration import texts
-from calibration.calibrate import default_calibration, load_model
+from calibration import models, texts
+from calibration.recipes import default_calibration
 from lmcache_kvtc import Calibration
 from lmcache_kvtc.calibrate.capture import prefill
+from lmcache_kvtc.calibrate.fitting import NAMED_RATIOS
 from lmcache_kvtc.calibrate.metrics import compare_logits, continuation_logits
 from lmcache_kvtc.calibrate.report import water_filling
-from lmcache_kvtc.fitting import NAMED_RATIOS
 
 from . import methods, retrieval
 from .ablations import ABLATION_RATIOS, ablation_calibrations
@@ -76,7 +75,7 @@ def rate_distortion(lm, ids_list, continuation: int, candidates: list) -> list[d
 def evaluate(model: str, calibration: Path, contexts: int, context: int, continuation: int,
              ratios: list[float] | None = None, ablations: bool = True, depths: tuple[float, ...] = (),
              trials_per_depth: int = 2, keys: int = 1) -> dict:
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = models.load(model)
     cal = Calibration.load(calibration)
     variants = ablation_calibrations(calibration) if ablations else {}
     chosen = candidates(cal, ratios, variants)
@@ -112,7 +111,7 @@ def evaluate(model: str, calibration: Path, contexts: int, context: int, continu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvtc bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--calibration", help="default: the model's cached default calibration (built if missing)")
     parser.add_argument("--contexts", type=int, default=8)

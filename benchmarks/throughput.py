@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
+from lmcache_kvtc.calibrate.fitting import assemble
 from lmcache_kvtc.calibration import STREAMS, Calibration, Plan, StreamBasis, StreamPlan
 from lmcache_kvtc.codec import KVTCCodec
-from lmcache_kvtc.fitting import assemble
 from lmcache_kvtc.quantizer import wide_count
 from lmcache_kvtc.rope import RopeTable
 
@@ -106,21 +106,22 @@ def _rates(nbytes: int, times: list[float]) -> tuple[float, float, float]:
     return statistics.median(rates), min(rates), max(rates)
 
 
-def _methods(codec: KVTCCodec, items: list[tuple[torch.Tensor, int]], device: torch.device) -> dict:
+def _methods(codec: KVTCCodec, plan: int, items: list[tuple[torch.Tensor, int]], device: torch.device) -> dict:
     """method -> (encode fn, decode fn, stored ratio), all over the same chunks ``(kv, start)``."""
     from lmcache.v1.distributed.api import ObjectKey
     from lmcache.v1.distributed.serde.fp8 import Fp8QuantizationDeserializer, Fp8QuantizationSerializer
 
     key = ObjectKey(bytes(32), "benchmark", 0)
     serializer, deserializer = Fp8QuantizationSerializer(), Fp8QuantizationDeserializer()
-    blobs = [codec.encode(t, start=s, sinks=4, window=0) for t, s in items]
+    blobs = [codec.encode(t, plan=plan, start=s, sinks=4, window=0) for t, s in items]
     nbytes = sum(t.numel() * t.element_size() for t, _ in items)
     fp8 = [(_memory_obj(t), _memory_obj(torch.empty(t.numel(), dtype=torch.uint8, device=device)),
             _memory_obj(torch.empty_like(t))) for t, _ in items]
     copies = [(t, torch.empty(t.shape, dtype=t.dtype, pin_memory=device.type == "cuda"), torch.empty_like(t))
               for t, _ in items]
     return {
-        f"KVTC {codec.ratio:g}x": (lambda: [codec.encode(t, start=s, sinks=4, window=0) for t, s in items],
+        f"KVTC {codec.calibration.plans[plan].ratio:g}x": (
+            lambda: [codec.encode(t, plan=plan, start=s, sinks=4, window=0) for t, s in items],
                                    lambda: [codec.decode(b) for b in blobs], nbytes / sum(len(b) for b in blobs)),
         "LMCache fp8": (lambda: [serializer.serialize(a, b, key) for a, b, _ in fp8],
                         lambda: [deserializer.deserialize(b, c, key) for _, b, c in fp8], 2.0),
@@ -137,7 +138,7 @@ def run_shape(name: str, batches: list[int], device: torch.device, mode: str, re
     note = (f"{name}: [2, {layers}, {CHUNK}, {heads * head_dim}], p = {calibration.features}, synthetic basis of "
             f"rank {min(rank, calibration.features)}; the plan keeps {plan.rank('keys')} components "
             f"(step {plan.streams['keys'].step:.3g})")
-    codec = KVTCCodec(calibration, device=device, ratio=ratio, coder=coder)
+    codec = KVTCCodec(calibration, device=device, coder=coder)
     kv = synthetic_kv(calibration, spectrum, CHUNK * max(batches), device)
     rows = []
     for batch in batches:
@@ -146,7 +147,7 @@ def run_shape(name: str, batches: list[int], device: torch.device, mode: str, re
         else:
             items = [(kv[:, :, : batch * CHUNK].contiguous(), 0)]
         nbytes = sum(t.numel() * t.element_size() for t, _ in items)
-        for method, (encode, decode, stored_ratio) in _methods(codec, items, device).items():
+        for method, (encode, decode, stored_ratio) in _methods(codec, 0, items, device).items():
             enc, dec = _rates(nbytes, _time(encode, device, repeats)), _rates(nbytes, _time(decode, device, repeats))
             rows.append({"shape": name, "batch": batch, "method": method, "encode": enc, "decode": dec,
                          "ratio": stored_ratio, "mib": nbytes / 2**20})
@@ -157,23 +158,23 @@ def run_shape(name: str, batches: list[int], device: torch.device, mode: str, re
 def prefill_comparison(device: torch.device, contexts: list[int], repeats: int, coder) -> list[str]:
     """Load-and-decode (blobs in host memory -> KV on ``device``) vs recomputing the prefill, real Qwen 0.5B."""
     from calibration import models
-    from calibration.calibrate import default_calibration_path
+    from calibration.recipes import default_calibration_path
     from lmcache_kvtc.calibrate.capture import prefill
 
     model_name = "qwen2.5-coder-0.5b"
     path = default_calibration_path(model_name)
     if not path.exists() or not models.is_prepared(model_name):
         return [f"load-and-decode vs prefill: skipped ({path} or the model is absent; build it with "
-                f"`python -c 'from calibration.calibrate import default_calibration as d; d()'`)"]
+                f"`python -m calibration.recipes --default {model_name}`)"]
     calibration = Calibration.load(path)
-    codec = KVTCCodec(calibration, device=device, ratio=16.0, coder=coder)
+    codec, plan = KVTCCodec(calibration, device=device, coder=coder), calibration.plan_index(16.0)
     model, _ = models.load(model_name)
     model = model.to(device)
     lines = ["| context | prefill s (median) | load+decode s (median) | speed-up |", "|---|---|---|---|"]
     for tokens in contexts:
         ids = torch.randint(100, 20000, (tokens,), generator=torch.Generator().manual_seed(tokens))
         kv, _ = prefill(model, ids, logits_to_keep=1)
-        blobs = [codec.encode(kv[:, :, i : i + CHUNK].contiguous(), start=i, sinks=4, window=0)
+        blobs = [codec.encode(kv[:, :, i : i + CHUNK].contiguous(), plan=plan, start=i, sinks=4, window=0)
                  for i in range(0, tokens, CHUNK)]
         t_prefill = statistics.median(_time(lambda ids=ids: prefill(model, ids, logits_to_keep=1), device, repeats))
         t_decode = statistics.median(_time(lambda blobs=blobs: [codec.decode(b) for b in blobs], device, repeats))

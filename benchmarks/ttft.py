@@ -27,7 +27,7 @@ from pathlib import Path
 
 from benchmarks.vllm_processes import REPO, MPServer, VLLMDriver, free_port
 from calibration import models, texts
-from calibration.calibrate import default_calibration
+from calibration.recipes import default_calibration
 
 MODEL = "qwen2.5-coder-0.5b"
 CHUNK = 256

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from calibration import models, texts, tiers
-from calibration.calibrate import default_calibration
+from calibration.recipes import default_calibration
 from lmcache_kvtc.calibrate.capture import prefill
 
 MODEL = "qwen2.5-coder-0.5b"

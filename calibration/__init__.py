@@ -1,1 +1,2 @@
-"""Offline real models, real text and KV-cache capture used to calibrate and evaluate KVTC."""
+"""Tools of the checkout, never installed: offline models and texts (``models``, ``texts``, ``pypi``), calibration
+recipes for them (``recipes``), and the main job (``roundtrip``) with its LMCache StorageManager driver (``tiers``)."""

@@ -334,23 +334,17 @@ def load(
     dtype: torch.dtype = torch.bfloat16,
     attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` offline from the converted directory (preparing it first if needed).
+    """Load ``(model, tokenizer)`` of a registry name (prepared first if needed) or a local model directory, offline,
+    with :func:`lmcache_kvtc.calibrate.driver.load_model`.
 
     bf16 is the default because it is 4-5x faster than fp32 on AMX CPUs.  The model is in eval mode.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lmcache_kvtc.calibrate.driver import load_model
 
+    if isinstance(name, str) and name not in MODELS and Path(name).is_dir():
+        return load_model(name, dtype, attn_implementation)
     spec = _spec(name)
-    d = prepare(spec)
-    model = AutoModelForCausalLM.from_pretrained(
-        d,
-        dtype=dtype,
-        attn_implementation=attn_implementation or spec.attn_implementation,
-        local_files_only=True,
-    )
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
-    return model, tok
+    return load_model(prepare(spec), dtype, attn_implementation or spec.attn_implementation)
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

@@ -2,13 +2,23 @@
 
 Prefill a context of held-out text (Python docs; calibration used Wikipedia), encode its
 cache to a blob file, read the file back, decode, continue from the restored cache and
-compare with the uncompressed one.
+compare with the uncompressed one; then the same cache in chunks through LMCache's StorageManager.
+
+    python -m calibration.roundtrip [--ratio R] [--calibration FILE] [--no-lmcache] [--json]
+
+LMCache's own log lines are shown from level WARNING; ``LMCACHE_LOG_LEVEL=INFO`` shows them all.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import os
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,12 +28,12 @@ from lmcache_kvtc.calibrate.capture import prefill
 from lmcache_kvtc.calibrate.metrics import compare_logits, continuation_logits, greedy, relative_error
 from lmcache_kvtc.inspect import describe
 
-from . import texts
-from .calibrate import default_calibration, load_model
+from . import models, texts
+from .recipes import DEFAULT_MODEL, default_calibration
 
 
 def run(
-    model: str = "qwen2.5-coder-0.5b",
+    model: str = DEFAULT_MODEL,
     calibration: str | Path | None = None,
     ratio: float = 16,
     context: int = 2048,
@@ -34,14 +44,15 @@ def run(
 ) -> dict:
     cal_path = Path(calibration) if calibration else default_calibration(model)
     cal = Calibration.load(cal_path)
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = models.load(model)
     ids = texts.token_contexts(tokenizer, texts.python_docs(), 1, context + continuation, seed=1)[0]
     prefix, cont = ids[:context], ids[context:]
     kv, _ = prefill(lm, prefix, logits_to_keep=1)
 
-    codec = KVTCCodec(cal, ratio=ratio)
+    codec = KVTCCodec(cal)
+    plan = cal.plan_index(ratio)
     started = time.perf_counter()
-    blob = codec.encode(kv, start=0)
+    blob = codec.encode(kv, plan=plan, start=0)
     encode_s = time.perf_counter() - started
     blob_path = Path(blob_path)
     blob_path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +75,7 @@ def run(
         "calibration_source": cal.info.get("source"),
         "text": "Python 3 docs (stdlib pydoc_data topics), held out from calibration",
         "tokens": {"context": context, "continuation": continuation},
-        "plan_ratio": codec.ratio,
+        "plan_ratio": cal.plans[plan].ratio,
         "blob_file": str(blob_path),
         "blob": info,
         "seconds": {"encode": encode_s, "decode": decode_s},
@@ -87,7 +98,7 @@ def run(
 
 def _through_lmcache(lm, kv, cont, reference_logits, cal_path: Path, ratio: float) -> dict:
     """The same cache in 256-token chunks through LMCache 0.5.6's MP StorageManager, kvtc serde and fs tier."""
-    from calibration.tiers import store_and_load
+    from .tiers import store_and_load
 
     with tempfile.TemporaryDirectory(prefix="kvtc-fs-tier-") as tier:
         restored, stats = store_and_load(kv, str(cal_path), {"type": "fs", "base_path": tier}, ratio=ratio)
@@ -147,4 +158,24 @@ def _lmcache_lines(t: dict | None) -> list[str]:
     return lines
 
 
-__all__ = ["run", "format_report"]
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m calibration.roundtrip", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"one of {list(models.MODELS)} or a model directory")
+    parser.add_argument("--calibration", help="calibration file (default: built on first use and cached)")
+    parser.add_argument("--ratio", type=float, default=16,
+                        help="the plan of the blob file, and the LMCache serde's byte budget (1/ratio of bf16)")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--blob", default="out/roundtrip.kvtc")
+    parser.add_argument("--no-lmcache", action="store_true", help="skip the pass through LMCache's fs tier")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")  # read when LMCache's loggers are made, on first import
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = run(model=args.model, calibration=args.calibration, ratio=args.ratio, context=args.context,
+                 blob_path=args.blob, lmcache=not args.no_lmcache)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,7 @@ from lmcache.v1.distributed.storage_manager import StorageManager
 
 from lmcache_kvtc.calibration import Calibration
 from lmcache_kvtc.defaults import CHUNK_TOKENS
-from lmcache_kvtc.lmcache.engine import EncodeEvent, observe
+from lmcache_kvtc.lmcache.engine import EncodeEvent, Observer
 from lmcache_kvtc.lmcache.serde import SERDE_TYPE, register
 
 
@@ -46,12 +46,19 @@ class StoreListener(L2AdapterListener):
         pass
 
 
-def storage_manager(adapters: list[dict[str, Any]], l1_size_gb: float = 0.5) -> StorageManager:
-    """A CPU StorageManager built from ``--l2-adapter`` JSON specs by LMCache's own parser."""
+def storage_manager(adapters: list[dict[str, Any]], l1_size_gb: float = 0.5,
+                    observer: Observer | None = None) -> StorageManager:
+    """A CPU StorageManager built from ``--l2-adapter`` JSON specs by LMCache's own parser; ``observer`` is handed
+    to every kvtc serde through the parsed config (see ``make_serde``)."""
     args = ["--l1-size-gb", str(l1_size_gb), "--eviction-policy", "LRU", "--no-l1-use-lazy"]
     for spec in adapters:
         args += ["--l2-adapter", json.dumps(spec)]
-    return StorageManager(parse_args_to_config(get_arg_parser().parse_args(args)))
+    config = parse_args_to_config(get_arg_parser().parse_args(args))
+    if observer is not None:
+        for adapter in config.l2_adapter_config.adapters:
+            if adapter.serde_config is not None and adapter.serde_config.type == SERDE_TYPE:
+                adapter.serde_config.kwargs["observer"] = observer
+    return StorageManager(config)
 
 
 def with_kvtc(adapter: dict[str, Any], calibration_path: str, ratio: float, **serde: Any) -> dict[str, Any]:
@@ -145,14 +152,15 @@ def store_and_load(kv: torch.Tensor, calibration_path: str, adapter: dict[str, A
     chunks = [kv[:, :, i : i + CHUNK_TOKENS].contiguous() for i in range(0, tokens, CHUNK_TOKENS)]
     keys = chunk_keys(model_name, len(chunks))
     l1_gb = max(0.25, 6 * kv.numel() * kv.element_size() / 2**30)
-    sm = storage_manager([with_kvtc(adapter, calibration_path, ratio, **serde)], l1_size_gb=l1_gb)
+    events: list[EncodeEvent] = []
+    sm = storage_manager([with_kvtc(adapter, calibration_path, ratio, **serde)], l1_size_gb=l1_gb,
+                         observer=events.append)
     listener = StoreListener()
     sm.register_l2_listener(listener)
     try:
         started = time.monotonic()
-        with observe() as events:
-            store(sm, keys, chunks)
-            stored = wait_stored(sm, listener, keys)
+        store(sm, keys, chunks)
+        stored = wait_stored(sm, listener, keys)
         stored_s = time.monotonic() - started
         sm.clear(force=True)
         started = time.monotonic()

@@ -46,22 +46,18 @@ class _Chunk:
 class KVTCCodec:
     """Encode/decode LMCache KV tensors with one calibration.
 
-    ``decode`` accepts blobs of any plan of the same calibration; ``ratio`` only picks the plan
-    ``encode`` uses without a byte budget (``None``: every encode must give one).
+    Two ways to encode: :meth:`encode` codes with one plan of the calibration's ladder (``plan`` is its index,
+    e.g. ``calibration.plan_index(16)``); :meth:`encode_within` codes with the finest plan whose blob fits a byte
+    budget (rate control, what the LMCache serde does). :meth:`decode` reads any blob of the calibration.
     """
 
-    def __init__(self, calibration: Calibration, device: str | torch.device = "cpu", ratio: float | None = 16,
+    def __init__(self, calibration: Calibration, device: str | torch.device = "cpu",
                  coder: EntropyCoder | None = None):
         self.calibration = calibration
         self.device = torch.device(device)
-        self.plan_id = None if ratio is None else calibration.plan_index(ratio)
         self.coder = coder or select_coder(self.device)
         self._bases = {s: calibration.streams[s].to(self.device) for s in STREAMS}
         self._finest_first = sorted(range(len(calibration.plans)), key=lambda p: calibration.plans[p].ratio)
-
-    @property
-    def ratio(self) -> float | None:
-        return None if self.plan_id is None else self.calibration.plans[self.plan_id].ratio
 
     def _section_size(self, plan_id: int, tokens: int) -> int:
         """Bytes of both streams' symbols for ``tokens`` coded tokens."""
@@ -69,21 +65,22 @@ class KVTCCodec:
         return sum(section_size(plan.rank(s), plan.streams[s].wide, tokens) for s in STREAMS)
 
     # -- encode ---------------------------------------------------------------------------
-    def encode(self, kv: torch.Tensor, start: int = 0, sinks: int = SINKS, window: int = WINDOW, flags: int = 0,
-               budget: int | None = None) -> bytes:
-        """Compress ``kv [2, L, T, H·D]`` (bf16/fp16) whose first token sits at position ``start``.
-
-        Without ``budget`` the codec's plan is used. With ``budget`` (bytes) the blob is rate-controlled: the
-        finest plan of the ladder whose entropy-coded blob fits in ``budget`` is chosen by trial encodes (its id
-        is in the header); :class:`LayoutError` if not even the coarsest plan fits.
-        """
+    def encode(self, kv: torch.Tensor, *, plan: int, start: int = 0, sinks: int = SINKS, window: int = WINDOW,
+               flags: int = 0) -> bytes:
+        """Compress ``kv [2, L, T, H·D]`` (bf16/fp16), whose first token sits at position ``start``, with plan
+        ``plan`` (an index of ``calibration.plans``). Positions ``< sinks`` and the last ``window`` tokens are
+        stored exactly."""
+        self._check_plan(plan)
         self._check_input(kv, start, sinks, window)
-        chunk = self._prepare(kv, start, sinks, window)
-        if budget is None:
-            if self.plan_id is None:
-                raise LayoutError("this codec has no plan of its own (ratio=None): encode needs a budget")
-            return self._blob(chunk, self.plan_id, flags)
-        return self._blob_within(chunk, budget, flags)
+        return self._blob(self._prepare(kv, start, sinks, window), plan, flags)
+
+    def encode_within(self, kv: torch.Tensor, *, budget: int, start: int = 0, sinks: int = SINKS,
+                      window: int = WINDOW, flags: int = 0) -> bytes:
+        """Like :meth:`encode`, rate-controlled: the finest plan of the ladder whose entropy-coded blob fits in
+        ``budget`` bytes, found by trial encodes (its id is in the header); :class:`LayoutError` if not even the
+        coarsest plan fits."""
+        self._check_input(kv, start, sinks, window)
+        return self._blob_within(self._prepare(kv, start, sinks, window), budget, flags)
 
     def _prepare(self, kv: torch.Tensor, start: int, sinks: int, window: int) -> _Chunk:
         """What every plan codes the same way: the exact tokens' bytes and each stream's PCA coefficients.
@@ -152,6 +149,11 @@ class KVTCCodec:
         chunks = -(-chunk.exact.numel() // CHUNK_SIZE) + -(-self._section_size(plan_id, n) // CHUNK_SIZE)
         return wire.header_size(len(self.calibration.model_id.encode()), chunks) + chunk.exact.numel() + stream
 
+    def _check_plan(self, plan: int) -> None:
+        if isinstance(plan, bool) or not isinstance(plan, int) or not 0 <= plan < len(self.calibration.plans):
+            raise LayoutError(f"plan must be an index of the calibration's {len(self.calibration.plans)} plans "
+                              f"(calibration.plan_index(ratio) finds one), got {plan!r}")
+
     def _check_input(self, kv: torch.Tensor, start: int, sinks: int, window: int) -> None:
         cal = self.calibration
         if not isinstance(kv, torch.Tensor):
@@ -182,31 +184,28 @@ class KVTCCodec:
             raise LayoutError(f"{stream} coefficients exceed the symbol range: KV does not fit this calibration")
         return quantize(kept, q.step, q.wide)
 
-    def max_blob_size(self, tokens: int, exact_head: int = 0, exact_tail: int = 0, dtype=torch.bfloat16,
-                      plan_id: int | None = None) -> int:
-        """Upper bound of ``len(encode(...))`` for a plan (default: this codec's) and layout, DEFLATE worst
-        case included (its symbols at one byte each: ~4× what they typically code to). Depends only on the
-        layout and the plan."""
+    def max_blob_size(self, tokens: int, plan: int, exact_head: int = 0, exact_tail: int = 0,
+                      dtype: torch.dtype = torch.bfloat16) -> int:
+        """Upper bound of ``len(encode(...))`` for a plan and layout, DEFLATE worst case included (its symbols
+        at one byte each: ~4× what they typically code to). Depends only on the layout and the plan."""
+        self._check_plan(plan)
         cal = self.calibration
-        plan_id = self.plan_id if plan_id is None else plan_id
-        if plan_id is None:
-            raise LayoutError("max_blob_size needs a plan_id: this codec has no plan of its own")
         n = tokens - exact_head - exact_tail
         exact, exact_chunks = _deflate_bound(wire.exact_size(cal.layers, exact_head + exact_tail, cal.hidden, dtype))
-        stream, stream_chunks = _deflate_bound(self._section_size(plan_id, n) if n > 0 else 0)
+        stream, stream_chunks = _deflate_bound(self._section_size(plan, n) if n > 0 else 0)
         return wire.header_size(len(cal.model_id.encode()), exact_chunks + stream_chunks) + exact + stream
 
-    def typical_size(self, tokens: int, exact_head: int = 0, dtype=torch.bfloat16, plan_id: int | None = None,
+    def typical_size(self, tokens: int, plan: int, exact_head: int = 0, dtype: torch.dtype = torch.bfloat16,
                      margin: float = TYPICAL_MARGIN) -> int:
-        """A budget ``plan_id`` fits in on KV like the calibration's: exact tokens at DEFLATE's worst case, symbols
+        """A budget ``plan`` fits in on KV like the calibration's: exact tokens at DEFLATE's worst case, symbols
         at ``margin`` × what they took on held-out text (entropy-coded symbols have no useful worst case: the
         bound of :meth:`max_blob_size` is ~4× their typical size). A chunk that still does not fit is refused."""
+        self._check_plan(plan)
         cal = self.calibration
-        plan_id = self.plan_id if plan_id is None else plan_id
         head = min(exact_head, tokens)
         exact, exact_chunks = _deflate_bound(wire.exact_size(cal.layers, head, cal.hidden, dtype))
-        symbols = margin * (tokens - head) * sum(cal.plans[plan_id].bits_per_token(s) for s in STREAMS) / 8
-        stream_chunks = -(-self._section_size(plan_id, tokens - head) // CHUNK_SIZE)
+        symbols = margin * (tokens - head) * sum(cal.plans[plan].bits_per_token(s) for s in STREAMS) / 8
+        stream_chunks = -(-self._section_size(plan, tokens - head) // CHUNK_SIZE)
         return (wire.header_size(len(cal.model_id.encode()), exact_chunks + stream_chunks) + exact
                 + int(symbols) + stream_chunks * CHUNK_ALIGNMENT)
 

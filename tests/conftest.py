@@ -30,10 +30,10 @@ def gemma():
 @pytest.fixture(scope="session")
 def small_calibration_path(qwen05, tmp_path_factory):
     """A real calibration of Qwen2.5-Coder-0.5B on Wikipedia, small enough for CI (8 × 1024 tokens)."""
-    from calibration.calibrate import calibrate
+    from calibration.recipes import calibrate_named
 
     path = tmp_path_factory.mktemp("calibration") / "qwen05-small.safetensors"
-    calibrate(SMALL_MODEL, text("wikipedia_en"), tokens=8 * 1024, context=1024, heldout_contexts=2,
+    calibrate_named(SMALL_MODEL, text("wikipedia_en"), tokens=8 * 1024, context=1024, heldout_contexts=2,
               ratios=(8, 16, 32), out=path, source="wikipedia (test)", key_weight=16.0, normalize="none")
     return path
 

@@ -58,22 +58,22 @@ class Seed:
     label: str
 
 
-def make_seeds(codec_for: Callable[[float], KVTCCodec], kv: torch.Tensor) -> list[Seed]:
+def make_seeds(codec: KVTCCodec, kv: torch.Tensor) -> list[Seed]:
     """Real blobs of ``kv [2, L, ≥512, H·D]``: LMCache-style chunks (with and without sinks, several plans, padded)
     and a standalone blob with exact sinks and window."""
     seeds = []
     for ratio in (8.0, 16.0, 32.0):
-        codec = codec_for(ratio)
         for start in (0, CHUNK):
             chunk = kv[:, :, start : start + CHUNK].contiguous()
             budget = chunk.numel() * 2 // int(ratio)
             try:
-                blob = codec.encode(chunk, start=start, window=0, budget=budget, flags=wire.FLAG_PADDED)
+                blob = codec.encode_within(chunk, budget=budget, start=start, window=0, flags=wire.FLAG_PADDED)
             except LayoutError:  # a small calibration's ladder may not reach this budget
                 continue
             seeds.append(Seed(blob + bytes(budget - len(blob)), CHUNK, f"chunk@{start} {ratio:g}x padded"))
     whole = kv[:, :, : 2 * CHUNK].contiguous()
-    seeds.append(Seed(codec_for(16.0).encode(whole, start=0, sinks=4, window=CHUNK // 2), 2 * CHUNK, "standalone"))
+    plan = codec.calibration.plan_index(16.0)
+    seeds.append(Seed(codec.encode(whole, plan=plan, start=0, sinks=4, window=CHUNK // 2), 2 * CHUNK, "standalone"))
     return seeds
 
 
@@ -310,10 +310,10 @@ def build(calibration_path: Path, kv: torch.Tensor) -> tuple[Doors, list[Seed]]:
     from lmcache_kvtc import Calibration
 
     calibration = Calibration.load(calibration_path)
-    codecs = {r: KVTCCodec(calibration, ratio=r) for r in (8.0, 16.0, 32.0)}
+    codec = KVTCCodec(calibration)
     engine = KVTCEngine(SerdeOptions(calibration=str(calibration_path), fixed_size=True))
-    doors = Doors(KVTCCodec(calibration, ratio=None), engine, calibration.layers, calibration.hidden)
-    return doors, make_seeds(codecs.__getitem__, kv)
+    doors = Doors(codec, engine, calibration.layers, calibration.hidden)
+    return doors, make_seeds(codec, kv)
 
 
 def main(argv=None) -> int:
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from calibration import models, texts
-    from calibration.calibrate import default_calibration
+    from calibration.recipes import default_calibration
     from lmcache_kvtc.calibrate.capture import prefill
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

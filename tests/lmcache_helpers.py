@@ -12,9 +12,9 @@ from lmcache_kvtc import KVTCCodec
 def standalone(calibration, chunk: torch.Tensor, start: int, ratio: float = 16, budget: int | None = None):
     """What the codec alone returns for a chunk at a known position, coded the way the serde codes it:
     sinks 4, no window, within ``budget`` bytes (default: the chunk's bytes / ``ratio``)."""
-    codec = KVTCCodec(calibration, ratio=None)
+    codec = KVTCCodec(calibration)
     budget = int(chunk.numel() * chunk.element_size() // ratio) if budget is None else budget
-    return codec.decode(codec.encode(chunk, start=start, sinks=4, window=0, budget=budget))
+    return codec.decode(codec.encode_within(chunk, budget=budget, start=start, sinks=4, window=0))
 
 
 def memory_obj(tensors: list[torch.Tensor]):

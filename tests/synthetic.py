@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import torch
 
+from lmcache_kvtc.calibrate.fitting import fit_calibration
 from lmcache_kvtc.calibration import Calibration
 from lmcache_kvtc.codec import token_features
-from lmcache_kvtc.fitting import fit_calibration
 from lmcache_kvtc.rope import RopeTable
 
 

@@ -24,13 +24,15 @@ from lmcache_kvtc import (
 )
 from lmcache_kvtc import blob as wire
 
+PLAN = 0  # the synthetic calibration's first rung
+
 
 @pytest.fixture(scope="module")
 def codec_and_blob(synthetic):
     calibration, make = synthetic
-    codec = KVTCCodec(calibration, ratio=16)
+    codec = KVTCCodec(calibration)
     kv = make(300)
-    return codec, codec.encode(kv), kv
+    return codec, codec.encode(kv, plan=PLAN), kv
 
 
 def test_blob_from_another_calibration_is_refused(codec_and_blob):
@@ -40,7 +42,7 @@ def test_blob_from_another_calibration_is_refused(codec_and_blob):
     other.__dict__.pop("_fingerprint", None)
     assert other.fingerprint != calibration.fingerprint
     with pytest.raises(CalibrationMismatchError, match="another calibration"):
-        KVTCCodec(other, ratio=16).decode(blob)
+        KVTCCodec(other).decode(blob)
 
 
 def test_every_truncation_is_refused(codec_and_blob):
@@ -148,16 +150,16 @@ def test_wrong_shapes_dtypes_and_values_are_refused(codec_and_blob):
     ]
     for bad in bad_inputs:
         with pytest.raises(LayoutError):
-            codec.encode(bad)
+            codec.encode(bad, plan=PLAN)
     poisoned = kv.clone()
     poisoned[1, 1, 50, 3] = float("nan")
     with pytest.raises(LayoutError, match="NaN"):
-        codec.encode(poisoned)
+        codec.encode(poisoned, plan=PLAN)
     poisoned = kv.clone()
     poisoned[0, 0, 1, 0] = float("inf")  # in an exact sink token: it could be stored but never decoded
     with pytest.raises(LayoutError, match="NaN or infinity"):
-        codec.encode(poisoned, start=0, sinks=4)
+        codec.encode(poisoned, plan=PLAN, start=0, sinks=4)
     with pytest.raises(LayoutError):
-        codec.encode(kv, start=-1)
+        codec.encode(kv, plan=PLAN, start=-1)
     with pytest.raises(LayoutError, match="exceed"):
-        codec.encode(kv, start=wire.MAX_POSITION)
+        codec.encode(kv, plan=PLAN, start=wire.MAX_POSITION)

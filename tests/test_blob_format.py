@@ -12,7 +12,7 @@ from lmcache_kvtc import blob as wire
 @pytest.fixture(scope="module")
 def blob(synthetic):
     calibration, make = synthetic
-    return KVTCCodec(calibration, ratio=16).encode(make(300, 7), start=7, sinks=4, window=16)
+    return KVTCCodec(calibration).encode(make(300, 7), plan=calibration.plan_index(16), start=7, sinks=4, window=16)
 
 
 def test_a_parsed_header_packs_back_to_the_same_bytes(blob):

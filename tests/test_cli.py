@@ -1,17 +1,23 @@
-"""The ``kvtc`` command and the main job, end to end on a real model."""
+"""The ``kvtc`` command and the main job (``python -m calibration.roundtrip``), end to end on a real model."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import prepared
 import pytest
 import torch
 
+from calibration import models
 from calibration.roundtrip import format_report, run
 from lmcache_kvtc import Calibration, KVTCCodec
 from lmcache_kvtc.cli import key_weight, main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_roundtrip_main_job_reports_honest_sizes_and_small_loss(small_calibration_path, tmp_path):
@@ -33,10 +39,20 @@ def test_roundtrip_main_job_reports_honest_sizes_and_small_loss(small_calibratio
     assert tiers["quality"]["kl"] < 0.5
 
 
+def test_the_main_job_command_prints_its_report_without_lmcaches_info_lines(small_calibration_path, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "calibration.roundtrip", "--calibration", str(small_calibration_path),
+                           "--context", "512", "--blob", str(tmp_path / "rt.kvtc")],
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "KVTC round trip" in done.stdout and "through LMCache 0.5.6" in done.stdout
+    assert "chunk positions estimated right: 2/2" in done.stdout
+    assert "LMCache INFO" not in done.stdout + done.stderr  # LMCACHE_LOG_LEVEL=INFO shows them
+
+
 def test_inspect_explains_a_blob_and_flags_a_bad_one(small_calibration_path, eval_kv, tmp_path, capsys):
     calibration = Calibration.load(small_calibration_path)
     blob_path = tmp_path / "x.kvtc"
-    blob_path.write_bytes(KVTCCodec(calibration, ratio=8).encode(eval_kv[0]))
+    blob_path.write_bytes(KVTCCodec(calibration).encode(eval_kv[0], plan=calibration.plan_index(8)))
     assert main(["inspect", str(blob_path), "--calibration", str(small_calibration_path)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["layout"] == [2, 24, 640, 128] and info["decodes_with"] == str(small_calibration_path)
@@ -59,7 +75,8 @@ def test_calibrate_command_writes_a_loadable_calibration_and_report(qwen05, tmp_
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(prepared.text("wikipedia_en")[:40]))
     out = tmp_path / "cal.safetensors"
-    assert main(["calibrate", "--model", "qwen2.5-coder-0.5b", "--text", str(text), "--tokens", "4096",
+    directory = str(models.model_dir("qwen2.5-coder-0.5b"))
+    assert main(["calibrate", "--model", directory, "--text", str(text), "--tokens", "4096",
                  "--context", "1024", "--ratios", "8", "16", "--out", str(out)]) == 0
     calibration = Calibration.load(out)
     assert calibration.ratios == [8.0, 16.0] and calibration.info["source"] == str(text)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from benchmarks.ablations import identity_rope
+from lmcache_kvtc.calibrate.fitting import FeatureCovariance, Planner
 from lmcache_kvtc.codec import token_features
-from lmcache_kvtc.fitting import FeatureCovariance, Planner
 
 
 def _correlated(rng, tokens: int, groups: int, size: int) -> torch.Tensor:

@@ -31,10 +31,11 @@ def test_the_golden_calibration_loads_with_its_recorded_fingerprint():
 
 def test_a_golden_codec_blob_decodes_bit_identically_and_a_fresh_encode_still_matches_it():
     case, calibration = MANIFEST["blobs"]["codec"], Calibration.load(GOLDEN / MANIFEST["calibration"])
-    codec = KVTCCodec(calibration, ratio=case["ratio"])
+    codec = KVTCCodec(calibration)
     assert [digest(codec.decode((GOLDEN / case["file"]).read_bytes()))] == case["decoded_sha256"]
     (kv,) = inputs("codec")
-    fresh = codec.encode(kv, start=case["start"], sinks=case["sinks"], window=case["window"])
+    fresh = codec.encode(kv, plan=calibration.plan_index(case["ratio"]), start=case["start"], sinks=case["sinks"],
+                         window=case["window"])
     assert [digest(codec.decode(fresh))] == case["decoded_sha256"]
 
 

@@ -45,11 +45,11 @@ def test_the_search_depends_on_the_data_not_on_luck(long_kv, small_calibration):
 
 
 def test_a_wrong_estimate_costs_quality_never_correctness(long_kv, small_calibration):
-    codec = KVTCCodec(small_calibration, ratio=16)
+    codec, plan = KVTCCodec(small_calibration), small_calibration.plan_index(16)
     chunk = long_kv[:, :, 1024:1280].contiguous()
 
     def error(start):
-        restored = codec.decode(codec.encode(chunk, start=start, sinks=4, window=0))
+        restored = codec.decode(codec.encode(chunk, plan=plan, start=start, sinks=4, window=0))
         assert restored.shape == chunk.shape and torch.isfinite(restored.float()).all()
         return float((restored.float() - chunk.float()).norm() / chunk.float().norm())
 

@@ -18,15 +18,16 @@ from lmcache_kvtc import CalibrationError, CodecError
 from lmcache_kvtc import blob as wire
 from lmcache_kvtc.inspect import describe
 from lmcache_kvtc.lmcache import layouts
-from lmcache_kvtc.lmcache.calibrations import CalibrationSet, decode_kv_rank
+from lmcache_kvtc.lmcache.selection import CalibrationSet, decode_kv_rank
 from lmcache_kvtc.lmcache.serde import (
     KVTCDeserializer,
     KVTCEngine,
     KVTCSerializer,
     SerdeOptions,
-    observe,
+    make_serde,
     register,
 )
+from lmcache_kvtc.lmcache.stats import SerdeStats
 
 KEY = ObjectKey(chunk_hash=b"\x01" * 32, model_name="qwen2.5-coder-0.5b", kv_rank=0)
 
@@ -95,12 +96,14 @@ def test_fixed_size_blob_is_padded_to_exactly_its_bf16_bytes_over_the_ratio(engi
         assert header.flags & wire.FLAG_PADDED
 
 
-def test_serde_output_equals_the_standalone_codec_at_the_true_position(engine, chunks, small_calibration):
-    with observe() as events:
-        for start, chunk in zip((0, 256), chunks, strict=True):
-            _, _, (restored,) = roundtrip(engine, [chunk])
-            assert torch.equal(restored, standalone(small_calibration, chunk, start))
-    assert [e.start for e in events] == [0, 256]
+def test_serde_output_equals_the_standalone_codec_at_the_true_position(small_calibration_path, chunks,
+                                                                      small_calibration):
+    events = []
+    engine = KVTCEngine(SerdeOptions(calibration=str(small_calibration_path)), observer=events.append)
+    for start, chunk in zip((0, 256), chunks, strict=True):
+        _, _, (restored,) = roundtrip(engine, [chunk])
+        assert torch.equal(restored, standalone(small_calibration, chunk, start))
+    assert [e.start for e in events] == [0, 256] and {e.key for e in events} == {KEY}
     assert torch.equal(restored[:, :, :4], standalone(small_calibration, chunks[1], 256)[:, :, :4])
     _, _, (first,) = roundtrip(engine, [chunks[0]])
     assert torch.equal(first[:, :, :4], chunks[0][:, :, :4])  # sinks exact at position 0
@@ -185,6 +188,54 @@ def test_calibration_selection_by_model_rank_and_group(tmp_path, small_calibrati
     (tmp_path / "index.json").write_text(json.dumps({"calibrations": [{"file": "missing.safetensors"}]}))
     with pytest.raises(CalibrationError):
         CalibrationSet.from_path(tmp_path)
+
+
+def test_a_corrupt_calibration_in_an_index_fails_the_config_check_not_the_first_store(tmp_path,
+                                                                                    small_calibration_path):
+    (tmp_path / "good.safetensors").write_bytes(small_calibration_path.read_bytes())
+    (tmp_path / "bad.safetensors").write_bytes(small_calibration_path.read_bytes()[:1000])
+    (tmp_path / "index.json").write_text(json.dumps({"calibrations": [
+        {"file": "good.safetensors", "tp_rank": 0}, {"file": "bad.safetensors", "tp_rank": 1}]}))
+    with pytest.raises(CalibrationError, match="bad.safetensors"):
+        make_serde({"calibration": str(tmp_path)})
+
+
+def test_an_observer_is_given_to_make_serde_in_code_never_in_json(small_calibration_path):
+    with pytest.raises(ValueError, match="observer must be callable"):
+        make_serde({"calibration": str(small_calibration_path), "observer": "print"})
+    make_serde({"calibration": str(small_calibration_path), "observer": print}).close()
+
+
+def test_stats_count_stores_plans_refusals_loads_and_failures_and_reach_the_metrics_reader(
+        small_calibration_path, chunks, caplog):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    stats = SerdeStats(MeterProvider(metric_readers=[reader]).get_meter("test"), log_interval=0)
+    engine = KVTCEngine(SerdeOptions(calibration=str(small_calibration_path)), stats=stats)
+    _, dst, _ = roundtrip(engine, [chunks[1]])
+    with pytest.raises(CodecError):
+        KVTCSerializer(engine).serialize(memory_obj([torch.zeros(2, 24, 256, 128, dtype=torch.uint8)]),
+                                         byte_buffer(4096), KEY)
+    bad = bytearray(bytes(dst.byte_array))
+    bad[:4] = b"XXXX"
+    with pytest.raises(CodecError):
+        KVTCDeserializer(engine).deserialize(memory_obj([torch.frombuffer(bad, dtype=torch.uint8)]),
+                                             memory_obj([torch.zeros_like(chunks[1])]), KEY)
+    snapshot = stats.snapshot()
+    assert (snapshot["stored"], snapshot["loaded"]) == (1, 1)
+    assert sum(snapshot["plans"].values()) == 1 and snapshot["raw_bytes"] == chunks[1].numel() * 2
+    assert 0 < snapshot["stored_bytes"] <= chunks[1].numel() * 2 // 16
+    assert snapshot["refused"] == {"UnsupportedLayoutError": 1}
+    assert snapshot["failed_loads"] == {"ForeignBlobError": 1}
+    exported = {m.name: m for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics
+                for m in sm.metrics}
+    assert {"kvtc_chunks_stored", "kvtc_stores_refused", "kvtc_chunks_loaded", "kvtc_loads_failed",
+            "kvtc_encode_seconds", "kvtc_decode_seconds"} <= exported.keys()
+    (refused,) = exported["kvtc_stores_refused"].data.data_points
+    assert refused.value == 1 and refused.attributes == {"reason": "UnsupportedLayoutError"}
+    assert "kvtc serde: 1 objects stored" in caplog.text  # the periodic summary line (log_interval=0: every event)
 
 
 def test_a_damaged_multi_group_container_is_refused(engine, chunks):

@@ -44,9 +44,18 @@ def test_the_codec_imports_and_decodes_without_lmcache_or_transformers_installed
     assert done.stdout.startswith("(2, 2, 300, 64)")
 
 
-def test_checkout_only_commands_say_they_need_the_checkout(tmp_path):
+def test_the_cli_works_from_the_package_alone_and_sends_registry_names_to_the_checkout(tmp_path):
     shutil.copytree(REPO / "lmcache_kvtc", tmp_path / "lmcache_kvtc")  # as installed: no calibration/ beside it
-    for command in (["roundtrip"], ["calibrate", "--model", "qwen2.5-coder-0.5b", "--out", "x.safetensors"]):
-        done = subprocess.run([sys.executable, "-m", "lmcache_kvtc.cli", *command], capture_output=True, text=True,
-                              cwd=tmp_path)
-        assert done.returncode != 0 and f"kvtc {command[0]}: needs a checkout of lmcache-kvtc" in done.stderr, done
+    blocked = ["calibration", "benchmarks", "transformers", "lmcache"]
+    prelude = f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); from lmcache_kvtc.cli import main; "
+
+    def kvtc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", prelude + f"sys.exit(main({list(args)!r}))"],
+                              capture_output=True, text=True, cwd=tmp_path)
+
+    assert "{calibrate,inspect}" in kvtc("--help").stdout
+    done = kvtc("calibrate", "--model", "qwen2.5-coder-0.5b", "--text", "t.txt", "--out", "x.safetensors")
+    assert done.returncode != 0 and "is not a model directory" in done.stderr
+    assert "python -m calibration.recipes" in done.stderr
+    golden = kvtc("inspect", str(GOLDEN / "codec.kvtc"), "--calibration", str(GOLDEN / "synthetic.safetensors"))
+    assert golden.returncode == 0 and '"decodes_with"' in golden.stdout, golden.stderr

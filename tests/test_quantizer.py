@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from lmcache_kvtc.planning import CurvePoint, curve, measure, pareto_front
+from lmcache_kvtc.calibrate.planning import CurvePoint, curve, measure, pareto_front
 from lmcache_kvtc.quantizer import NARROW_LIMIT, WIDE_LIMIT, dequantize, quantize, section_size, wide_count
 
 

@@ -28,12 +28,11 @@ def test_a_rate_controlled_blob_never_exceeds_its_budget_and_takes_the_finest_pl
 ):
     chunk, start, budget = _case(eval_kv[0], seed)
     cal = small_calibration
-    codec = KVTCCodec(cal, ratio=None)
-    by_plan = {p: KVTCCodec(cal, ratio=cal.plans[p].ratio).encode(chunk, start=start, window=0) for p in
-               range(len(cal.plans))}
+    codec = KVTCCodec(cal)
+    by_plan = {p: codec.encode(chunk, plan=p, start=start, window=0) for p in range(len(cal.plans))}
     finest_first = sorted(by_plan, key=lambda p: cal.plans[p].ratio)
     try:
-        blob = codec.encode(chunk, start=start, window=0, budget=budget)
+        blob = codec.encode_within(chunk, budget=budget, start=start, window=0)
     except LayoutError:
         assert len(by_plan[finest_first[-1]]) > budget, "refused although the coarsest plan fits"
         return
@@ -46,13 +45,14 @@ def test_a_rate_controlled_blob_never_exceeds_its_budget_and_takes_the_finest_pl
     assert codec.decode(blob).shape == chunk.shape
 
 
-def test_a_budget_no_plan_can_meet_and_a_missing_budget_are_refused(small_calibration, eval_kv):
-    codec = KVTCCodec(small_calibration, ratio=None)
+def test_a_budget_no_plan_can_meet_and_a_plan_the_ladder_lacks_are_refused(small_calibration, eval_kv):
+    codec = KVTCCodec(small_calibration)
     chunk = eval_kv[0][:, :, 256:512].contiguous()
     with pytest.raises(LayoutError, match="no plan of the calibration fits"):
-        codec.encode(chunk, start=256, window=0, budget=2000)
-    with pytest.raises(LayoutError, match="needs a budget"):
-        codec.encode(chunk)
+        codec.encode_within(chunk, budget=2000, start=256, window=0)
+    for plan in (len(small_calibration.plans), -1, 1.0, True):
+        with pytest.raises(LayoutError, match="plan must be an index"):
+            codec.encode(chunk, plan=plan)
 
 
 def test_an_object_too_small_for_its_ratio_gets_its_coarsest_plans_typical_size_and_gives_up_exact_sinks(

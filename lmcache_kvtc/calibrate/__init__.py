@@ -1,2 +1,3 @@
-"""Calibration machinery (needs the ``[calibrate]`` extra: transformers, tqdm, matplotlib): capture a decoder's KV
-cache, fit the PCA and bit plans on it, measure and report. :func:`~.driver.calibrate` is the entry point."""
+"""The calibration driver (the ``[calibrate]`` extra: transformers, tqdm, matplotlib): capture a decoder's KV cache,
+fit the PCA (``fitting``), measure the quantizer's rate–distortion curves (``planning``), choose the plan ladder,
+and report. :func:`~.driver.calibrate` is the entry point; ``fitting`` and ``planning`` need only torch."""

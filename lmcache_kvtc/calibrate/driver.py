@@ -22,10 +22,10 @@ from tqdm import tqdm
 from ..calibration import Calibration, StreamBasis
 from ..codec import KVTCCodec, token_features
 from ..defaults import SINKS, WINDOW
-from ..fitting import DEFAULT_RATIOS, FeatureCovariance, Planner, add_batch, assemble
 from ..rope import RopeTable, rope_table_from_hf_config
 from .capture import kv_dims, prefill
 from .contexts import token_contexts
+from .fitting import DEFAULT_RATIOS, FeatureCovariance, Planner, add_batch, assemble
 from .metrics import compare_logits, continuation_logits
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,12 @@ TUNING_RATIOS = (8.0, 16.0, 32.0)
 TUNING_CONTINUATION = 256
 
 
-def load_model(directory: str | Path):
-    """A local Hugging Face model directory (never downloads): ``(model, tokenizer)``."""
+def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, attn_implementation: str | None = None):
+    """``(model, tokenizer)`` of a local Hugging Face model directory (never downloads), the model in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, local_files_only=True).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn_implementation,
+                                                  local_files_only=True).eval()
     return loaded, AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
@@ -188,9 +189,10 @@ def _tune(lm, planners: dict[str, Planner], shape: dict, candidates, kvs, ids_li
         candidate = assemble(**shape, streams=planner.streams, plans=planner.plans(ratios, weight))
         kls = {}
         for ratio in ratios:
-            codec = KVTCCodec(candidate, ratio=ratio)
+            codec, plan = KVTCCodec(candidate), candidate.plan_index(ratio)
             kls[str(ratio)] = sum(
-                compare_logits(reference, continuation_logits(lm, codec.decode(codec.encode(prefix)), cont), cont)["kl"]
+                compare_logits(reference, continuation_logits(lm, codec.decode(codec.encode(prefix, plan=plan)), cont),
+                               cont)["kl"]
                 for prefix, cont, reference in cases
             ) / len(cases)
         scores[_label(normalize, weight)] = kls

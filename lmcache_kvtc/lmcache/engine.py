@@ -1,18 +1,20 @@
 """Everything the kvtc serde does between LMCache's objects and KVTC blobs, free of LMCache's plumbing.
 
-Per kernel group: pick the calibration (:mod:`.calibrations`), map the layout to ``[2, L, T, H·D]``
+Per kernel group: pick the calibration (:mod:`.selection`), map the layout to ``[2, L, T, H·D]``
 (:mod:`.layouts`), estimate the chunk's base position (:mod:`.position`) and code it with
 ``start=estimate, sinks, window=0`` and ``FLAG_START_ESTIMATED``, rate-controlled to its byte budget (see
 :meth:`KVTCEngine.budgets`). Several groups go into a small length-prefixed container. Decoding validates
 every group completely before anything is returned.
-Shared by the MP serde (:mod:`.serde`) and the classic storage plugin (:mod:`.classic`).
+Shared by the MP serde (:mod:`.serde`) and the classic storage plugin (:mod:`.classic`). What it did is counted in
+:class:`~.stats.SerdeStats` (logs, LMCache's metrics endpoint); a caller that wants every group's facts passes an
+``observer``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,17 +27,18 @@ from ..codec import KVTCCodec
 from ..defaults import CHUNK_TOKENS
 from ..errors import CodecError, CorruptBlobError, LayoutError
 from . import vllm_cpu
-from .calibrations import CalibrationSet
 from .layouts import GroupLayout, UnsupportedLayoutError, classify, from_split, to_split
 from .options import SerdeOptions
 from .position import PositionEstimator
+from .selection import CalibrationSet
+from .stats import SerdeStats
 
 log = init_logger(__name__)
 
 
 @dataclass(frozen=True)
 class EncodeEvent:
-    """What one group of one stored object became (for reports and tests; see :func:`observe`)."""
+    """What one group of one stored object became (given to the engine's ``observer``)."""
 
     key: ObjectKey
     group: int
@@ -46,25 +49,20 @@ class EncodeEvent:
     plan_ratio: float  # the rung rate control chose
 
 
-_observers: list[Callable[[EncodeEvent], None]] = []
-
-
-@contextlib.contextmanager
-def observe() -> Iterator[list[EncodeEvent]]:
-    """Collect an :class:`EncodeEvent` for every group any kvtc serializer encodes inside the block."""
-    events: list[EncodeEvent] = []
-    _observers.append(events.append)
-    try:
-        yield events
-    finally:
-        _observers.remove(events.append)
+Observer = Callable[[EncodeEvent], None]
 
 
 class KVTCEngine:
-    """Calibrations, codecs and position estimators shared by a serializer/deserializer pair."""
+    """Calibrations, codecs and position estimators shared by a serializer/deserializer pair.
 
-    def __init__(self, options: SerdeOptions):
+    ``observer`` (optional) is called with an :class:`EncodeEvent` for every kernel group encoded; ``stats``
+    counts stores, refusals, plans, loads and coding time for the server's logs and metrics.
+    """
+
+    def __init__(self, options: SerdeOptions, observer: Observer | None = None, stats: SerdeStats | None = None):
         self.options = options
+        self.observer = observer
+        self.stats = stats or SerdeStats()
         self.calibrations = CalibrationSet.from_path(options.calibration)
         self._codecs: dict[bytes, KVTCCodec] = {}
         self._estimators: dict[bytes, PositionEstimator] = {}
@@ -87,7 +85,7 @@ class KVTCEngine:
         with self._lock:
             fp = calibration.fingerprint
             if fp not in self._codecs:
-                self._codecs[fp] = KVTCCodec(calibration, device=self.options.device, ratio=None)
+                self._codecs[fp] = KVTCCodec(calibration, device=self.options.device)
             return self._codecs[fp]
 
     def estimator(self, calibration: Calibration) -> PositionEstimator:
@@ -128,7 +126,7 @@ class KVTCEngine:
                 f"no kvtc calibration in {self.calibrations.origin} fits {layout.layers} layers × "
                 f"{layout.hidden} K/V width"
             )
-        return max(min(self.codec(c).typical_size(layout.tokens, dtype=layout.dtype, plan_id=p)
+        return max(min(self.codec(c).typical_size(layout.tokens, p, dtype=layout.dtype)
                        for p in range(len(c.plans)))
                    for c in fitting)
 
@@ -153,17 +151,23 @@ class KVTCEngine:
 
     def encode(self, tensors: list[torch.Tensor], key: ObjectKey | None) -> bytes:
         """One object's kernel groups as one blob (or a group container); raises ``CodecError`` if unsupported."""
+        started = time.perf_counter()
         try:
-            return self._encode(tensors, key)
+            blob, plan_ratios = self._encode(tensors, key)
         except (CodecError, ValueError) as exc:
+            self.stats.refused(type(exc).__name__)
             self.refuse_once(describe_layout([t.shape for t in tensors], [t.dtype for t in tensors]), exc)
             raise
+        raw = sum(t.numel() * t.element_size() for t in tensors)
+        self.stats.stored(plan_ratios, len(blob), raw, time.perf_counter() - started)
+        return blob
 
-    def _encode(self, tensors: list[torch.Tensor], key: ObjectKey | None) -> bytes:
+    def _encode(self, tensors: list[torch.Tensor], key: ObjectKey | None) -> tuple[bytes, list[float]]:
+        """The object's blob and the plan ratio rate control chose for each group."""
         options = self.options
         shapes, dtypes = [t.shape for t in tensors], [t.dtype for t in tensors]
         layouts, budgets = self.group_layouts(shapes, dtypes), self.budgets(shapes, dtypes)
-        blobs = []
+        blobs, plan_ratios = [], []
         for i, (tensor, layout, budget) in enumerate(zip(tensors, layouts, budgets, strict=True)):
             calibration = self.calibrations.select(
                 key.model_name if key else "", key.kv_rank if key else 0, key.object_group_id if key else 0,
@@ -174,26 +178,32 @@ class KVTCEngine:
             flags = wire.FLAG_START_ESTIMATED | (wire.FLAG_PADDED if options.fixed_size and len(layouts) == 1 else 0)
             codec = self.codec(calibration)
             try:
-                blob = codec.encode(kv, start=guess.start, sinks=options.sinks, window=0, flags=flags, budget=budget)
+                blob = codec.encode_within(kv, budget=budget, start=guess.start, sinks=options.sinks, window=0,
+                                           flags=flags)
             except LayoutError:
                 if guess.start >= options.sinks:
                     raise
                 # exact sinks do not fit this budget (extreme ratios): code them like every other token
-                blob = codec.encode(kv, start=guess.start, sinks=0, window=0, flags=flags, budget=budget)
+                blob = codec.encode_within(kv, budget=budget, start=guess.start, sinks=0, window=0, flags=flags)
             blobs.append(blob)
-            if _observers:  # reports and tests only: keep the header parse off the serving path
-                plan_ratio = calibration.plans[wire.parse(blob)[0].plan].ratio
+            plan_ratios.append(calibration.plans[wire.parse(blob)[0].plan].ratio)
+            if self.observer is not None:
                 raw = tensor.numel() * tensor.element_size()
-                event = EncodeEvent(key, i, guess.start, guess.candidates, len(blob), raw, plan_ratio)
-                for callback in list(_observers):
-                    callback(event)
-        return wire.pack_groups(blobs)
+                self.observer(EncodeEvent(key, i, guess.start, guess.candidates, len(blob), raw, plan_ratios[-1]))
+        return wire.pack_groups(blobs), plan_ratios
 
     def decode(self, data: memoryview, shapes, dtypes) -> list[torch.Tensor]:
         """Every kernel group of a stored object, fully validated against the expected layout, on CPU."""
-        layouts = self.group_layouts(shapes, dtypes)
-        blobs = wire.split_groups(data, len(layouts))
-        return [self._decode_group(b, layout) for b, layout in zip(blobs, layouts, strict=True)]
+        started = time.perf_counter()
+        try:
+            layouts = self.group_layouts(shapes, dtypes)
+            blobs = wire.split_groups(data, len(layouts))
+            decoded = [self._decode_group(b, layout) for b, layout in zip(blobs, layouts, strict=True)]
+        except CodecError as exc:
+            self.stats.load_failed(type(exc).__name__)
+            raise
+        self.stats.loaded(time.perf_counter() - started)
+        return decoded
 
     def _decode_group(self, blob: memoryview, layout: GroupLayout) -> torch.Tensor:
         header, _ = wire.parse(blob)

@@ -1,6 +1,6 @@
 """The ``kvtc`` serde's settings: the adapter JSON's ``"serde"`` dict, validated.
 
-    calibration   file or directory of calibrations (required; see .calibrations)
+    calibration   file or directory of calibrations (required; see .selection)
     ratio         every stored object takes at most 1/ratio of its bf16 bytes (default 16); each chunk is
                   coded with the finest plan of the calibration's ladder that fits (rate control)
     device        torch device for coding (default "cpu")

@@ -30,7 +30,7 @@ from lmcache.v1.distributed.serde import (
 from lmcache.v1.memory_management import MemoryObj
 
 from ..errors import CodecError, LayoutError
-from .engine import EncodeEvent, KVTCEngine, describe_layout, observe
+from .engine import EncodeEvent, KVTCEngine, Observer, describe_layout
 from .options import SerdeOptions
 from .sealing import OVERHEAD, Sealer
 
@@ -41,7 +41,7 @@ SERDE_TYPE = "kvtc"
 _REFUSED_ESTIMATE = 4096
 
 __all__ = ["SERDE_TYPE", "EncodeEvent", "KVTCDeserializer", "KVTCEngine", "KVTCSerializer", "SerdeOptions",
-           "make_serde", "observe", "register"]
+           "make_serde", "register"]
 
 
 class KVTCSerializer(Serializer):
@@ -107,9 +107,17 @@ def _byte_view(obj: MemoryObj) -> torch.Tensor:
 
 
 def make_serde(kwargs: dict[str, object]) -> AsyncSerdeProcessor:
-    """Factory LMCache calls with the adapter JSON's serde kwargs."""
-    options = SerdeOptions.from_kwargs(dict(kwargs))
-    engine = KVTCEngine(options)
+    """Factory LMCache calls with the adapter JSON's serde kwargs.
+
+    Code that builds LMCache's config itself (not JSON) may add ``"observer"``: a callable given an
+    :class:`EncodeEvent` for every group this serde encodes (the checkout's reports use it).
+    """
+    kwargs = dict(kwargs)
+    observer: Observer | None = kwargs.pop("observer", None)
+    if observer is not None and not callable(observer):
+        raise ValueError(f"kvtc serde: observer must be callable, got {observer!r}")
+    options = SerdeOptions.from_kwargs(kwargs)
+    engine = KVTCEngine(options, observer)
     sealer = Sealer.from_master_key_file(options.master_key_path, options.aes_bits) if options.master_key_path else None
     log.info("kvtc serde: %d calibration(s) from %s, ratio %s, device %s, fixed_size %s, %d worker(s), %s",
              len(engine.calibrations.entries), options.calibration, options.ratio, options.device,

@@ -47,7 +47,7 @@ def main() -> None:
                              "blobs": {}}
 
     kv = make(300, 10)
-    blob = KVTCCodec(calibration, ratio=16).encode(kv, start=10, sinks=4, window=16)
+    blob = KVTCCodec(calibration).encode(kv, plan=calibration.plan_index(16), start=10, sinks=4, window=16)
     (HERE / "codec.kvtc").write_bytes(blob)
     tensors["codec.input.0"] = kv
     manifest["blobs"]["codec"] = {"file": "codec.kvtc", "start": 10, "sinks": 4, "window": 16, "ratio": 16,

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .defaults import CHUNK_TOKENS
-from .entropy import DeflateCPU
-from .quantizer import dequantize, quantize, wide_count
+from ..defaults import CHUNK_TOKENS
+from ..entropy import DeflateCPU
+from ..quantizer import dequantize, quantize, wide_count
 
 #: tokens per chunk the curves are measured with: what LMCache hands the serde
 CURVE_CHUNK = CHUNK_TOKENS

@@ -1,4 +1,4 @@
-"""Which calibration codes which LMCache object.
+"""Choosing the calibration that codes an LMCache object.
 
 The serde's ``calibration`` kwarg names a file (one calibration for everything whose layout fits)
 or a directory. In a directory, an optional ``index.json`` maps objects to files::
@@ -17,12 +17,13 @@ A calibration must also fit the object's layout (layers, K/V width); if no named
 a single layout-compatible calibration is used with a one-time warning.
 
 ``estimate_serialized_size`` sees no key, so sizes use every calibration that fits the layout.
+Every file is loaded and verified when the set is built (where the serde's configuration is checked), so a
+missing or corrupt calibration stops the server at start, never at its first store.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,15 +83,18 @@ class Entry:
 
 
 class CalibrationSet:
-    """Lazily loaded calibrations of one serde, looked up per object or by blob fingerprint."""
+    """The calibrations of one serde, loaded and verified up front, looked up per object or by blob fingerprint."""
 
-    def __init__(self, entries: list[Entry], origin: str):
+    def __init__(self, entries: list[Entry], origin: str, loaded: dict[Path, Calibration] | None = None):
         if not entries:
             raise CalibrationError(f"{origin}: no calibration files found")
         self.origin = origin
         self.entries = sorted(entries, key=lambda e: -e.specificity)
-        self._loaded: dict[Path, Calibration] = {}
-        self._lock = threading.Lock()
+        loaded = dict(loaded or {})
+        for entry in self.entries:
+            if entry.file not in loaded:
+                loaded[entry.file] = Calibration.load(entry.file)  # raises CalibrationError naming the file
+        self._by_file = loaded
         self._warned: set[tuple] = set()
 
     @classmethod
@@ -104,15 +108,10 @@ class CalibrationSet:
         if index.is_file():
             return cls(_read_index(index), str(path))
         loaded = {f: Calibration.load(f) for f in sorted(path.glob("*.safetensors"))}
-        found = cls([Entry(f, model_name=c.model_id) for f, c in loaded.items()], str(path))
-        found._loaded.update(loaded)
-        return found
+        return cls([Entry(f, model_name=c.model_id) for f, c in loaded.items()], str(path), loaded)
 
     def load(self, entry: Entry) -> Calibration:
-        with self._lock:
-            if entry.file not in self._loaded:
-                self._loaded[entry.file] = Calibration.load(entry.file)
-            return self._loaded[entry.file]
+        return self._by_file[entry.file]
 
     def all(self) -> list[Calibration]:
         return [self.load(e) for e in self.entries]

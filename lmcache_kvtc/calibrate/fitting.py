@@ -6,9 +6,9 @@ from collections.abc import Iterable
 
 import torch
 
-from .calibration import STREAMS, Calibration, Plan, StreamBasis, StreamPlan
+from ..calibration import STREAMS, Calibration, Plan, StreamBasis, StreamPlan
+from ..rope import RopeTable
 from .planning import CurvePoint, curve
-from .rope import RopeTable
 
 #: the rungs reports and benchmarks show by default
 NAMED_RATIOS = (4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
