@@ -134,10 +134,11 @@ def run_shape(name: str, batches: list[int], device: torch.device, mode: str, re
               ratio: float, coder) -> tuple[list[dict], str]:
     layers, heads, head_dim = SHAPES[name]
     calibration, spectrum = synthetic_calibration(layers, heads, head_dim, rank, ratio)
-    plan = calibration.plans[0]
+    plan = calibration.plan_index(ratio)
+    rung = calibration.plans[plan]
     note = (f"{name}: [2, {layers}, {CHUNK}, {heads * head_dim}], p = {calibration.features}, synthetic basis of "
-            f"rank {min(rank, calibration.features)}; the plan keeps {plan.rank('keys')} components "
-            f"(step {plan.streams['keys'].step:.3g})")
+            f"rank {min(rank, calibration.features)}; the plan keeps {rung.rank('keys')} components "
+            f"(step {rung.streams['keys'].step:.3g})")
     codec = KVTCCodec(calibration, device=device, coder=coder)
     kv = synthetic_kv(calibration, spectrum, CHUNK * max(batches), device)
     rows = []
@@ -147,7 +148,7 @@ def run_shape(name: str, batches: list[int], device: torch.device, mode: str, re
         else:
             items = [(kv[:, :, : batch * CHUNK].contiguous(), 0)]
         nbytes = sum(t.numel() * t.element_size() for t, _ in items)
-        for method, (encode, decode, stored_ratio) in _methods(codec, 0, items, device).items():
+        for method, (encode, decode, stored_ratio) in _methods(codec, plan, items, device).items():
             enc, dec = _rates(nbytes, _time(encode, device, repeats)), _rates(nbytes, _time(decode, device, repeats))
             rows.append({"shape": name, "batch": batch, "method": method, "encode": enc, "decode": dec,
                          "ratio": stored_ratio, "mib": nbytes / 2**20})

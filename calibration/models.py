@@ -341,7 +341,9 @@ def load(
     """
     from lmcache_kvtc.calibrate.driver import load_model
 
-    if isinstance(name, str) and name not in MODELS and Path(name).is_dir():
+    if isinstance(name, str) and name not in MODELS:
+        if not Path(name).is_dir():
+            raise KeyError(f"{name!r} is neither a model of the offline registry {sorted(MODELS)} nor a directory")
         return load_model(name, dtype, attn_implementation)
     spec = _spec(name)
     return load_model(prepare(spec), dtype, attn_implementation or spec.attn_implementation)

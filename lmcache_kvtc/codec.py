@@ -12,6 +12,7 @@ Decode is the exact reverse and re-applies RoPE at the stored positions. Attenti
 
 from __future__ import annotations
 
+import operator
 import zlib
 from dataclasses import dataclass
 
@@ -59,10 +60,10 @@ class KVTCCodec:
         self._bases = {s: calibration.streams[s].to(self.device) for s in STREAMS}
         self._finest_first = sorted(range(len(calibration.plans)), key=lambda p: calibration.plans[p].ratio)
 
-    def _section_size(self, plan_id: int, tokens: int) -> int:
+    def _section_size(self, plan: int, tokens: int) -> int:
         """Bytes of both streams' symbols for ``tokens`` coded tokens."""
-        plan = self.calibration.plans[plan_id]
-        return sum(section_size(plan.rank(s), plan.streams[s].wide, tokens) for s in STREAMS)
+        rung = self.calibration.plans[plan]
+        return sum(section_size(rung.rank(s), rung.streams[s].wide, tokens) for s in STREAMS)
 
     # -- encode ---------------------------------------------------------------------------
     def encode(self, kv: torch.Tensor, *, plan: int, start: int = 0, sinks: int = SINKS, window: int = WINDOW,
@@ -70,7 +71,7 @@ class KVTCCodec:
         """Compress ``kv [2, L, T, H·D]`` (bf16/fp16), whose first token sits at position ``start``, with plan
         ``plan`` (an index of ``calibration.plans``). Positions ``< sinks`` and the last ``window`` tokens are
         stored exactly."""
-        self._check_plan(plan)
+        plan = self._check_plan(plan)
         self._check_input(kv, start, sinks, window)
         return self._blob(self._prepare(kv, start, sinks, window), plan, flags)
 
@@ -103,15 +104,15 @@ class KVTCCodec:
         return _Chunk(kv.shape, kv.dtype, start, head, tail, exact.contiguous().view(torch.uint8).view(-1),
                       coefficients)
 
-    def _blob(self, chunk: _Chunk, plan_id: int, flags: int) -> bytes:
+    def _blob(self, chunk: _Chunk, plan: int, flags: int) -> bytes:
         sections = [chunk.exact]  # tensors on the codec's device: on a GPU the symbols never leave it
         if chunk.coefficients:
-            sections.append(torch.cat([self._encode_stream(plan_id, s, chunk.coefficients[s]) for s in STREAMS]))
+            sections.append(torch.cat([self._encode_stream(plan, s, chunk.coefficients[s]) for s in STREAMS]))
         payload, index = self.coder.compress(sections)
         _, layers, tokens, hidden = chunk.shape
         header = wire.BlobHeader(
             fingerprint=self.calibration.fingerprint, model_id=self.calibration.model_id, kv_size=2,
-            dtype=chunk.dtype, plan=plan_id, coder=CODER_RAW_DEFLATE, layers=layers, tokens=tokens,
+            dtype=chunk.dtype, plan=plan, coder=CODER_RAW_DEFLATE, layers=layers, tokens=tokens,
             hidden=hidden, exact_head=chunk.head, exact_tail=chunk.tail, start=chunk.start,
             payload_size=len(payload), payload_crc=zlib.crc32(payload), flags=flags, chunks=index,
         )
@@ -136,23 +137,28 @@ class KVTCCodec:
                     break
                 blob, i = finer, i - 1
             return blob
-        for plan_id in order[i + 1 :]:
-            blob = self._blob(chunk, plan_id, flags)
+        for plan in order[i + 1 :]:
+            blob = self._blob(chunk, plan, flags)
             if len(blob) <= budget:
                 return blob
         raise LayoutError(f"no plan of the calibration fits a {tuple(chunk.shape)} chunk in {budget} bytes")
 
-    def _expected_size(self, chunk: _Chunk, plan_id: int, n: int) -> float:
-        """Blob size of ``plan_id`` if the symbols code as they did on held-out text (exact tokens raw)."""
-        plan = self.calibration.plans[plan_id]
-        stream = n * sum(plan.bits_per_token(s) for s in STREAMS) / 8
-        chunks = -(-chunk.exact.numel() // CHUNK_SIZE) + -(-self._section_size(plan_id, n) // CHUNK_SIZE)
+    def _expected_size(self, chunk: _Chunk, plan: int, n: int) -> float:
+        """Blob size of ``plan`` if the symbols code as they did on held-out text (exact tokens raw)."""
+        stream = n * sum(self.calibration.plans[plan].bits_per_token(s) for s in STREAMS) / 8
+        chunks = -(-chunk.exact.numel() // CHUNK_SIZE) + -(-self._section_size(plan, n) // CHUNK_SIZE)
         return wire.header_size(len(self.calibration.model_id.encode()), chunks) + chunk.exact.numel() + stream
 
-    def _check_plan(self, plan: int) -> None:
-        if isinstance(plan, bool) or not isinstance(plan, int) or not 0 <= plan < len(self.calibration.plans):
+    def _check_plan(self, plan: int) -> int:
+        """``plan`` as an int index of the ladder (numpy and torch integers too), or a clear ``LayoutError``."""
+        try:
+            index = operator.index(plan) if not isinstance(plan, bool) else -1
+        except TypeError:
+            index = -1
+        if not 0 <= index < len(self.calibration.plans):
             raise LayoutError(f"plan must be an index of the calibration's {len(self.calibration.plans)} plans "
                               f"(calibration.plan_index(ratio) finds one), got {plan!r}")
+        return index
 
     def _check_input(self, kv: torch.Tensor, start: int, sinks: int, window: int) -> None:
         cal = self.calibration
@@ -177,30 +183,30 @@ class KVTCCodec:
             raise LayoutError("KV contains NaN or infinity")
         return features
 
-    def _encode_stream(self, plan_id: int, stream: str, coefficients: torch.Tensor) -> torch.Tensor:
-        q = self.calibration.plans[plan_id].streams[stream]
+    def _encode_stream(self, plan: int, stream: str, coefficients: torch.Tensor) -> torch.Tensor:
+        q = self.calibration.plans[plan].streams[stream]
         kept = coefficients[:, : q.rank]
         if kept.numel() and kept.abs().amax() > WIDE_LIMIT * q.step:
             raise LayoutError(f"{stream} coefficients exceed the symbol range: KV does not fit this calibration")
         return quantize(kept, q.step, q.wide)
 
-    def max_blob_size(self, tokens: int, plan: int, exact_head: int = 0, exact_tail: int = 0,
+    def max_blob_size(self, tokens: int, plan: int, *, exact_head: int = 0, exact_tail: int = 0,
                       dtype: torch.dtype = torch.bfloat16) -> int:
         """Upper bound of ``len(encode(...))`` for a plan and layout, DEFLATE worst case included (its symbols
         at one byte each: ~4× what they typically code to). Depends only on the layout and the plan."""
-        self._check_plan(plan)
+        plan = self._check_plan(plan)
         cal = self.calibration
         n = tokens - exact_head - exact_tail
         exact, exact_chunks = _deflate_bound(wire.exact_size(cal.layers, exact_head + exact_tail, cal.hidden, dtype))
         stream, stream_chunks = _deflate_bound(self._section_size(plan, n) if n > 0 else 0)
         return wire.header_size(len(cal.model_id.encode()), exact_chunks + stream_chunks) + exact + stream
 
-    def typical_size(self, tokens: int, plan: int, exact_head: int = 0, dtype: torch.dtype = torch.bfloat16,
+    def typical_size(self, tokens: int, plan: int, *, exact_head: int = 0, dtype: torch.dtype = torch.bfloat16,
                      margin: float = TYPICAL_MARGIN) -> int:
         """A budget ``plan`` fits in on KV like the calibration's: exact tokens at DEFLATE's worst case, symbols
         at ``margin`` × what they took on held-out text (entropy-coded symbols have no useful worst case: the
         bound of :meth:`max_blob_size` is ~4× their typical size). A chunk that still does not fit is refused."""
-        self._check_plan(plan)
+        plan = self._check_plan(plan)
         cal = self.calibration
         head = min(exact_head, tokens)
         exact, exact_chunks = _deflate_bound(wire.exact_size(cal.layers, head, cal.hidden, dtype))

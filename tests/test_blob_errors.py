@@ -24,12 +24,13 @@ from lmcache_kvtc import (
 )
 from lmcache_kvtc import blob as wire
 
-PLAN = 0  # the synthetic calibration's first rung
+PLAN = 1  # the synthetic calibration's 16x rung
 
 
 @pytest.fixture(scope="module")
 def codec_and_blob(synthetic):
     calibration, make = synthetic
+    assert calibration.plans[PLAN].ratio == 16
     codec = KVTCCodec(calibration)
     kv = make(300)
     return codec, codec.encode(kv, plan=PLAN), kv

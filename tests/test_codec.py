@@ -95,4 +95,4 @@ def test_max_blob_size_bounds_every_blob_even_incompressible_ones(small_calibrat
             blob = codec.encode(tensor, plan=plan, start=start, window=window)
             info = describe(blob)
             head, tail = info["exact_tokens"]["head"], info["exact_tokens"]["tail"]
-            assert len(blob) <= codec.max_blob_size(kv.shape[2], plan, head, tail)
+            assert len(blob) <= codec.max_blob_size(kv.shape[2], plan, exact_head=head, exact_tail=tail)

@@ -241,8 +241,8 @@ def test_standin_coder_inside_the_codec_gives_the_same_kv_as_the_cpu_coder(synth
     calibration, make = synthetic
     kv = make(300, 10)
     coder, _ = _standin_coder()
-    blob = KVTCCodec(calibration, coder=coder).encode(kv, plan=0, start=10)
-    reference = KVTCCodec(calibration).encode(kv, plan=0, start=10)
+    blob = KVTCCodec(calibration, coder=coder).encode(kv, plan=1, start=10)
+    reference = KVTCCodec(calibration).encode(kv, plan=1, start=10)
     cpu = KVTCCodec(calibration)
     assert torch.equal(cpu.decode(blob), cpu.decode(reference))  # same symbols, other DEFLATE bytes
     assert torch.equal(KVTCCodec(calibration, coder=coder).decode(reference), cpu.decode(reference))
@@ -287,7 +287,7 @@ def test_gpu_blob_decodes_on_cpu_bit_exact(gpu_coder, synthetic):
     kv = make(600, 10)
     gpu = KVTCCodec(calibration, device="cuda", coder=gpu_coder)
     cpu = KVTCCodec(calibration)
-    blob = gpu.encode(kv.cuda(), plan=0, start=10)
+    blob = gpu.encode(kv.cuda(), plan=1, start=10)
     assert torch.equal(cpu.decode(blob), gpu.decode(blob).cpu())
 
 
@@ -297,7 +297,7 @@ def test_cpu_blob_decodes_on_gpu_bit_exact(gpu_coder, synthetic):
     kv = make(600, 10)
     gpu = KVTCCodec(calibration, device="cuda", coder=gpu_coder)
     cpu = KVTCCodec(calibration)
-    blob = cpu.encode(kv, plan=0, start=10)
+    blob = cpu.encode(kv, plan=1, start=10)
     assert torch.equal(gpu.decode(blob).cpu(), cpu.decode(blob))
 
 
@@ -308,6 +308,6 @@ def test_gpu_decode_equals_cpu_decode_for_both_encoders(gpu_coder, synthetic):
     kv = make(1000, 0)
     gpu = KVTCCodec(calibration, device="cuda", coder=gpu_coder)
     cpu = KVTCCodec(calibration)
-    for blob in (gpu.encode(kv.cuda(), plan=0), cpu.encode(kv, plan=0)):
+    for blob in (gpu.encode(kv.cuda(), plan=1), cpu.encode(kv, plan=1)):
         assert torch.equal(gpu.decode(blob).cpu(), cpu.decode(blob))
         assert torch.equal(gpu.decode(blob)[:, :, -128:].cpu(), kv[:, :, -128:])  # the exact window

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -206,35 +207,46 @@ def test_an_observer_is_given_to_make_serde_in_code_never_in_json(small_calibrat
     make_serde({"calibration": str(small_calibration_path), "observer": print}).close()
 
 
-def test_stats_count_stores_plans_refusals_loads_and_failures_and_reach_the_metrics_reader(
-        small_calibration_path, chunks, caplog):
+def test_stats_count_stores_plans_refusals_loads_and_failures_and_reach_prometheus(small_calibration_path, chunks,
+                                                                                   caplog):
+    """Through OpenTelemetry's Prometheus reader, as LMCache's MP server exports them at /metrics."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from prometheus_client import REGISTRY, generate_latest
 
-    reader = InMemoryMetricReader()
-    stats = SerdeStats(MeterProvider(metric_readers=[reader]).get_meter("test"), log_interval=0)
-    engine = KVTCEngine(SerdeOptions(calibration=str(small_calibration_path)), stats=stats)
-    _, dst, _ = roundtrip(engine, [chunks[1]])
-    with pytest.raises(CodecError):
-        KVTCSerializer(engine).serialize(memory_obj([torch.zeros(2, 24, 256, 128, dtype=torch.uint8)]),
-                                         byte_buffer(4096), KEY)
-    bad = bytearray(bytes(dst.byte_array))
-    bad[:4] = b"XXXX"
-    with pytest.raises(CodecError):
-        KVTCDeserializer(engine).deserialize(memory_obj([torch.frombuffer(bad, dtype=torch.uint8)]),
-                                             memory_obj([torch.zeros_like(chunks[1])]), KEY)
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader()])
+    try:
+        stats = SerdeStats(provider.get_meter("test"), log_interval=0, labels={"calibration": "cal"})
+        engine = KVTCEngine(SerdeOptions(calibration=str(small_calibration_path)), stats=stats)
+        _, dst, _ = roundtrip(engine, [chunks[1]])
+        with pytest.raises(CodecError):
+            KVTCSerializer(engine).serialize(memory_obj([torch.zeros(2, 24, 256, 128, dtype=torch.uint8)]),
+                                             byte_buffer(4096), KEY)
+        bad = bytearray(bytes(dst.byte_array))
+        bad[:4] = b"XXXX"
+        with pytest.raises(CodecError):
+            KVTCDeserializer(engine).deserialize(memory_obj([torch.frombuffer(bad, dtype=torch.uint8)]),
+                                                 memory_obj([torch.zeros_like(chunks[1])]), KEY)
+        exposition = generate_latest(REGISTRY).decode()
+    finally:
+        provider.shutdown()
     snapshot = stats.snapshot()
     assert (snapshot["stored"], snapshot["loaded"]) == (1, 1)
     assert sum(snapshot["plans"].values()) == 1 and snapshot["raw_bytes"] == chunks[1].numel() * 2
     assert 0 < snapshot["stored_bytes"] <= chunks[1].numel() * 2 // 16
     assert snapshot["refused"] == {"UnsupportedLayoutError": 1}
     assert snapshot["failed_loads"] == {"ForeignBlobError": 1}
-    exported = {m.name: m for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics
-                for m in sm.metrics}
-    assert {"kvtc_chunks_stored", "kvtc_stores_refused", "kvtc_chunks_loaded", "kvtc_loads_failed",
-            "kvtc_encode_seconds", "kvtc_decode_seconds"} <= exported.keys()
-    (refused,) = exported["kvtc_stores_refused"].data.data_points
-    assert refused.value == 1 and refused.attributes == {"reason": "UnsupportedLayoutError"}
+    (plan,) = snapshot["plans"]
+    for line in ('kvtc_objects_stored_total{calibration="cal"} 1.0',
+                 f'kvtc_plans_chosen_total{{calibration="cal",plan_ratio="{plan}"}} 1.0',
+                 'kvtc_objects_refused_total{calibration="cal",reason="UnsupportedLayoutError"} 1.0',
+                 'kvtc_objects_loaded_total{calibration="cal"} 1.0',
+                 'kvtc_loads_failed_total{calibration="cal",reason="ForeignBlobError"} 1.0',
+                 'kvtc_encode_seconds_count{calibration="cal"} 1.0',
+                 'kvtc_decode_seconds_bucket{calibration="cal",le="+Inf"} 1.0'):
+        assert line in exposition, line
+    raw = re.search(r'^kvtc_raw_bytes_total\{calibration="cal"\} (\S+)$', exposition, re.M)
+    assert raw and float(raw.group(1)) == chunks[1].numel() * 2
     assert "kvtc serde: 1 objects stored" in caplog.text  # the periodic summary line (log_interval=0: every event)
 
 

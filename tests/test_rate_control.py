@@ -50,9 +50,11 @@ def test_a_budget_no_plan_can_meet_and_a_plan_the_ladder_lacks_are_refused(small
     chunk = eval_kv[0][:, :, 256:512].contiguous()
     with pytest.raises(LayoutError, match="no plan of the calibration fits"):
         codec.encode_within(chunk, budget=2000, start=256, window=0)
-    for plan in (len(small_calibration.plans), -1, 1.0, True):
+    for plan in (len(small_calibration.plans), -1, 1.0, True, "16"):
         with pytest.raises(LayoutError, match="plan must be an index"):
             codec.encode(chunk, plan=plan)
+    index = small_calibration.plan_index(16)
+    assert codec.encode(chunk, plan=torch.tensor(index)) == codec.encode(chunk, plan=index)  # any int type
 
 
 def test_an_object_too_small_for_its_ratio_gets_its_coarsest_plans_typical_size_and_gives_up_exact_sinks(

@@ -193,6 +193,7 @@ class KVTCStoragePlugin(StoragePluginInterface):
         try:
             tensor, fmt = decode_record(self.engine, record, self.max_tokens)
         except CodecError as exc:
+            self.engine.stats.load_failed(type(exc).__name__)
             log.error("kvtc: record for %s failed validation (%s): dropped, reporting a miss", key, exc)
             self.store.remove(name)
             return None

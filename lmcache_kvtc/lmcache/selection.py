@@ -110,11 +110,11 @@ class CalibrationSet:
         loaded = {f: Calibration.load(f) for f in sorted(path.glob("*.safetensors"))}
         return cls([Entry(f, model_name=c.model_id) for f, c in loaded.items()], str(path), loaded)
 
-    def load(self, entry: Entry) -> Calibration:
+    def calibration_for(self, entry: Entry) -> Calibration:
         return self._by_file[entry.file]
 
     def all(self) -> list[Calibration]:
-        return [self.load(e) for e in self.entries]
+        return [self.calibration_for(e) for e in self.entries]
 
     def fitting(self, layers: int, hidden: int) -> list[Calibration]:
         """Calibrations that can code a ``[2, layers, T, hidden]`` group (for size estimates)."""
@@ -125,7 +125,7 @@ class CalibrationSet:
         """The calibration for one kernel group of one object; raises ``CalibrationError`` if none fits."""
         fits = []
         for entry in self.entries:
-            calibration = self.load(entry)
+            calibration = self.calibration_for(entry)
             if calibration.layers != layers or calibration.hidden != hidden:
                 continue
             if entry.matches(model_name, kv_rank, object_group_id, kernel_group):

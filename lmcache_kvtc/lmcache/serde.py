@@ -85,6 +85,7 @@ class KVTCDeserializer(Deserializer):
             data = memoryview(self.sealer.open(stored, key)) if self.sealer else stored
             decoded = self.engine.decode(data, dst.get_shapes(), dst.get_dtypes())
         except CodecError as exc:
+            self.engine.stats.load_failed(type(exc).__name__)
             log.error("kvtc: stored object %s failed validation: %s -- reporting a cache miss",
                       key.chunk_hash.hex()[:16] if key else "?", exc)
             raise
