@@ -89,11 +89,15 @@ def test_lmcache_path_benchmark_runs_every_method_through_its_path_and_reports_t
     assert {"LMCache fp8 serde", "kvtc ratio 16", "KIVI int4 (g32)", "KIVI int2 (g32)"} <= set(summary)
     assert any(s["kind"] == "baseline" and "turboquant" in s["method"].lower() for s in summary.values())
     kvtc = summary["kvtc ratio 16"]
-    assert kvtc["contexts"] == 2  # one per text source
+    assert kvtc["contexts"] == 3  # one per text source: docs, prose, held-out code
+    per_source = {(s["source"], s["method"]) for s in report["per_source"]}
+    assert {(src, "kvtc ratio 16") for src in ("python-docs", "kjv", "transformers-code")} <= per_source
     assert kvtc["stored_bytes_per_chunk"] == 2 * 24 * 256 * 128 * 2 // 16  # the fixed size is the budget
     assert kvtc["blob_bytes_per_chunk"] <= kvtc["stored_bytes_per_chunk"] and kvtc["positions_right"] == "4/4"
     assert summary["LMCache fp8 serde"]["stored_ratio"] == pytest.approx(2.0, rel=0.01)
     assert kvtc["stored_ratio"] > 2.5 * summary["KIVI int2 (g32)"]["stored_ratio"] and 0 < kvtc["kl"] < 1
     assert set(report["retrieval"]["accuracy"]) >= {"bf16", "kvtc ratio 16", "LMCache fp8 serde"}
-    assert "| kvtc ratio 16 |" in (tmp_path / "path-0.5b.md").read_text()
+    markdown = (tmp_path / "path-0.5b.md").read_text()
+    assert "| kvtc ratio 16 |" in markdown and "| transformers-code | kvtc ratio 16 |" in markdown
+    assert "on every source (the worst decides)" in markdown
     assert (tmp_path / "path-0.5b.png").stat().st_size > 10_000
