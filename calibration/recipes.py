@@ -71,19 +71,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m calibration.recipes", description=__doc__.splitlines()[0])
     parser.add_argument("--default", metavar="MODEL", help="build (or find) MODEL's cached default calibration "
                         "(on the default mix; no other option applies)")
+    parser.add_argument("--wikipedia", action="store_true",
+                        help="calibrate on the bundled Wikipedia alone (the default recipe before 0.2)")
     add_calibrate_options(parser, required=False, model_help=f"a name of the offline registry {list(models.MODELS)} "
                           "or a model directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.default:
-        if args.model or args.out or args.text:
-            parser.error("--default takes no --model, --out or --text")
+        if args.model or args.out or args.text or args.wikipedia:
+            parser.error("--default takes no --model, --out, --text or --wikipedia")
         print(default_calibration(args.default))
         return 0
     if not (args.model and args.out):
         parser.error("give --model NAME --out FILE, or --default MODEL")
     options = calibrate_options(args)
     documents = None  # the default mix
+    if args.wikipedia:
+        documents, options["source"] = texts.prepare("wikipedia_en"), WIKIPEDIA
     if args.text:
         documents = [Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text]
         options["source"] = ", ".join(args.text)

@@ -1,6 +1,6 @@
 """The main job: a real model's KV cache through KVTC to a blob file and back, with a report.
 
-Prefill a context of held-out text (Python docs; calibration used Wikipedia), encode its
+Prefill a context of held-out text (Python docs: the calibration never saw them), encode its
 cache to a blob file, read the file back, decode, continue from the restored cache and
 compare with the uncompressed one; then the same cache in chunks through LMCache's StorageManager.
 
