@@ -31,6 +31,7 @@ from calibration.recipes import default_calibration
 from lmcache_kvtc import Calibration, KVTCCodec
 from lmcache_kvtc.calibrate.capture import kv_dims, prefill
 from lmcache_kvtc.calibrate.metrics import compare_logits, continuation_logits, relative_error
+from lmcache_kvtc.lmcache.fp8 import Fp8Cache
 from lmcache_kvtc.lmcache.position import PositionEstimator
 
 from . import retrieval
@@ -41,6 +42,10 @@ CHUNK = tiers.CHUNK_TOKENS
 #: evaluation sources, none of them the calibration's: documentation, scripture (prose), and held-out code whose
 #: continuations copy identifiers and spans of the prefix
 SOURCES = {"python-docs": texts.python_docs, "kjv": texts.kjv, "transformers-code": texts.library_source}
+#: vLLM's fp8 cache as CUDA writes it (scale 1, round to nearest even, saturating), simulated with torch's cast
+FP8_OPTION = "fp8"
+#: the kinds of rows that are kvtc through LMCache, and how the report names them
+KVTC_KINDS = {"kvtc": "kvtc", "kvtc-fp8": "fp8 KV + kvtc"}
 
 
 @dataclass
@@ -53,25 +58,44 @@ class PathMethod:
     restore: Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
 
 
-def through_lmcache(kv: torch.Tensor, calibration_path: Path, ratio: float, serde: dict | None = None
-                    ) -> tuple[torch.Tensor, dict]:
+def through_lmcache(kv: torch.Tensor, calibration_path: Path, ratio: float, serde: dict | None = None,
+                    **options) -> tuple[torch.Tensor, dict]:
+    """``kv`` through L1 → serde → ``fs`` → serde → L1: kvtc at ``ratio`` (with serde ``options``) unless ``serde``
+    names another."""
     with tempfile.TemporaryDirectory() as tmp:
         adapter = {"type": "fs", "base_path": tmp, **({"serde": serde} if serde else {})}
-        restored, stats = tiers.store_and_load(kv, str(calibration_path), adapter, ratio=ratio)
+        restored, stats = tiers.store_and_load(kv, str(calibration_path), adapter, ratio=ratio, **options)
     if restored is None:
         raise RuntimeError(f"LMCache round trip lost chunks: {stats}")
     return restored, stats
 
 
-def kvtc_method(calibration_path: Path, ratio: float) -> PathMethod:
+def kvtc_method(calibration_path: Path, ratio: float, fp8: Fp8Cache | None = None) -> PathMethod:
+    """kvtc through LMCache; with ``fp8`` the cache is vLLM's fp8 one (uint8 objects, serde ``kv_cache_dtype``)."""
+
     def restore(kv):
-        restored, stats = through_lmcache(kv, calibration_path, ratio)
+        if fp8 is None:
+            restored, stats = through_lmcache(kv, calibration_path, ratio)
+        else:
+            restored, stats = through_lmcache(fp8.quantize(kv), calibration_path, ratio, kv_cache_dtype=FP8_OPTION)
+            restored = fp8.dequantize(restored)
         return restored, {"stored_bytes_per_chunk": statistics.mean(stats["stored_bytes"]),
                           "blob_bytes_per_chunk": statistics.mean(stats["blob_bytes"]),
                           "plan_ratios": stats["plan_ratios"], "positions_right": stats["positions_right"],
                           "chunks": stats["chunks"]}
 
-    return PathMethod(f"kvtc ratio {ratio:g}", "kvtc", ratio, restore)
+    if fp8 is None:
+        return PathMethod(f"kvtc ratio {ratio:g}", "kvtc", ratio, restore)
+    return PathMethod(f"fp8 KV + kvtc ratio {ratio:g}", "kvtc-fp8", ratio, restore)
+
+
+def fp8_cache_method(fp8: Fp8Cache) -> PathMethod:
+    """vLLM's fp8 KV cache stored as it is (no serde): 1 byte per element, read back dequantized."""
+
+    def restore(kv):
+        return fp8.dequantize(fp8.quantize(kv)), {"stored_bytes_per_chunk": kv[:, :, :CHUNK].numel()}
+
+    return PathMethod("vLLM fp8 KV cache (e4m3), no serde", "fp8-cache", 2.0, restore)
 
 
 def fp8_method(calibration_path: Path) -> PathMethod:
@@ -105,9 +129,12 @@ def standalone_method(calibration: Calibration, ratio: float) -> PathMethod:
 
 
 def path_methods(calibration_path: Path, ratios: list[float], head_dim: int, standalone: bool,
-                 baselines: bool = True) -> list[PathMethod]:
+                 baselines: bool = True, fp8_cache: bool = False) -> list[PathMethod]:
     calibration = Calibration.load(calibration_path)
     out = [fp8_method(calibration_path)] + [kvtc_method(calibration_path, r) for r in ratios]
+    if fp8_cache:
+        fp8 = Fp8Cache.from_option(FP8_OPTION)
+        out += [fp8_cache_method(fp8)] + [kvtc_method(calibration_path, r, fp8) for r in ratios]
     if baselines:
         out += [baseline_method(b) for b in (KIVI(4), KIVI(2), *turboquant_baselines(head_dim))]
     if standalone:
@@ -191,16 +218,17 @@ def summarize(rows: list[dict], by_source: bool = False) -> list[dict]:
     return out
 
 
-def largest_within(summary: list[dict], limits: dict[str, float]) -> dict | None:
-    """The kvtc row of highest stored ratio whose mean metrics are all within ``limits``."""
-    inside = [s for s in summary if s["kind"] == "kvtc" and all(s[k] <= v for k, v in limits.items())]
+def largest_within(summary: list[dict], limits: dict[str, float], kind: str = "kvtc") -> dict | None:
+    """The ``kind`` row of highest stored ratio whose mean metrics are all within ``limits``."""
+    inside = [s for s in summary if s["kind"] == kind and all(s[k] <= v for k, v in limits.items())]
     return max(inside, key=lambda s: s["stored_ratio"], default=None)
 
 
-def worst_source(per_source: list[dict], limits: dict[str, float]) -> tuple[float | None, dict[str, float | None]]:
-    """The largest kvtc ratio within ``limits`` on every source (judged by the worst), and each source's own."""
+def worst_source(per_source: list[dict], limits: dict[str, float], kind: str = "kvtc"
+                 ) -> tuple[float | None, dict[str, float | None]]:
+    """The largest ``kind`` ratio within ``limits`` on every source (judged by the worst), and each source's own."""
     sources = sorted({s["source"] for s in per_source})
-    own = {src: largest_within([s for s in per_source if s["source"] == src], limits) for src in sources}
+    own = {src: largest_within([s for s in per_source if s["source"] == src], limits, kind) for src in sources}
     ratios = {src: (best["ratio_target"] if best else None) for src, best in own.items()}
     found = [r for r in ratios.values() if r is not None]
     return (min(found) if len(found) == len(sources) else None), ratios
@@ -217,15 +245,18 @@ def markdown(report: dict) -> str:
         lines = [f"Calibration: `{report['calibration']}` ({report['calibration_source']}); retrieval test only."]
     for label, limits in (("KL ≤ 0.03 and ΔNLL ≤ 0.03", {"kl": 0.03, "delta_nll": 0.03}),
                           ("KL ≤ 0.06", {"kl": 0.06})) if summary else ():
-        best = largest_within(summary, limits)
-        found = (f"{best['method']}: {best['stored_ratio']:.1f}× (KL {best['kl']:.4f}, ΔNLL {best['delta_nll']:+.4f})"
-                 if best else "none")
-        lines.append(f"- largest kvtc stored ratio with {label}, mean over all contexts: {found}")
-        if report.get("per_source"):
-            worst, each = worst_source(report["per_source"], limits)
-            lines.append(f"- largest kvtc `ratio` with {label} on every source (the worst decides): "
-                         f"{f'{worst:g}' if worst else 'none'} (" + ", ".join(
-                             f"{src}: {r:g}" if r else f"{src}: none" for src, r in each.items()) + ")")
+        for kind, name in KVTC_KINDS.items():
+            if not any(s["kind"] == kind for s in summary):
+                continue
+            best = largest_within(summary, limits, kind)
+            found = (f"{best['method']}: {best['stored_ratio']:.1f}× (KL {best['kl']:.4f}, "
+                     f"ΔNLL {best['delta_nll']:+.4f})" if best else "none")
+            lines.append(f"- largest {name} stored ratio with {label}, mean over all contexts: {found}")
+            if report.get("per_source"):
+                worst, each = worst_source(report["per_source"], limits, kind)
+                lines.append(f"- largest {name} `ratio` with {label} on every source (the worst decides): "
+                             f"{f'{worst:g}' if worst else 'none'} (" + ", ".join(
+                                 f"{src}: {r:g}" if r else f"{src}: none" for src, r in each.items()) + ")")
     if summary:
         lines += ["", "| method | stored B/chunk (ratio) | plans chosen (min/median/max) | positions | KL | ΔNLL "
                   "| top-1 | KV rel.err |", "|---|---|---|---|---|---|---|---|"]
@@ -240,7 +271,7 @@ def markdown(report: dict) -> str:
                      f"[{kl[0]:.4f}–{kl[1]:.4f}] | {s['delta_nll']:+.4f} [{nll[0]:+.3f}–{nll[1]:+.3f}] "
                      f"| {s['top1']:.3f} | {s['kv_rel_error']:.4f} |")
     if report.get("per_source"):
-        kvtc = sorted((s for s in report["per_source"] if s["kind"] in ("kvtc", "lmcache")),
+        kvtc = sorted((s for s in report["per_source"] if s["kind"] in (*KVTC_KINDS, "lmcache", "fp8-cache")),
                       key=lambda s: (s["source"], s.get("stored_ratio", 0)))
         lines += ["", "Per source (mean over its contexts):", "",
                   "| source | method | stored ratio | KL | ΔNLL | top-1 |", "|---|---|---|---|---|---|"]
@@ -273,10 +304,13 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     stored = [s for s in report["summary"] if "stored_ratio" in s]
     for ax, metric in zip(axes, ("kl", "delta_nll"), strict=True):
-        kvtc = sorted((s for s in stored if s["kind"] == "kvtc"), key=lambda s: s["stored_ratio"])
-        ax.plot([s["stored_ratio"] for s in kvtc], [s[metric] for s in kvtc], "o-", label="kvtc (through LMCache)")
+        for kind, name in KVTC_KINDS.items():
+            kvtc = sorted((s for s in stored if s["kind"] == kind), key=lambda s: s["stored_ratio"])
+            if kvtc:
+                ax.plot([s["stored_ratio"] for s in kvtc], [s[metric] for s in kvtc], "o-",
+                        label=f"{name} (through LMCache)")
         for s in stored:
-            if s["kind"] != "kvtc":
+            if s["kind"] not in KVTC_KINDS:
                 ax.plot(s["stored_ratio"], s[metric], "s" if s["kind"] == "lmcache" else "^", label=s["method"])
         ax.set(xscale="log", xlabel="stored ratio vs bf16", ylabel={"kl": "KL (nats/token)", "delta_nll": "ΔNLL"}[
             metric], title=f"{report['model']}: {metric} on the LMCache path")
@@ -318,6 +352,8 @@ def main(argv=None) -> None:
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--trials", type=int, default=2, help="retrieval prompts per depth")
     parser.add_argument("--standalone", action="store_true", help="also the standalone codec on the whole prefix")
+    parser.add_argument("--fp8-cache", action="store_true",
+                        help="also vLLM's fp8 (e4m3) KV cache, alone and through kvtc (kv_cache_dtype fp8)")
     parser.add_argument("--long", type=int, default=0, help="tokens of the long position-estimate contexts (0: skip)")
     parser.add_argument("--max-positions", type=int, nargs="+", default=[32768, 131072, 1 << 20])
     parser.add_argument("--out", type=Path, help="output prefix: writes .json, .md and .png")
@@ -325,7 +361,8 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     calibration_path = args.calibration or default_calibration(args.model)
     model, tokenizer = models.load(args.model)
-    methods = path_methods(calibration_path, args.ratios, kv_dims(model.config)[2], args.standalone, args.baselines)
+    methods = path_methods(calibration_path, args.ratios, kv_dims(model.config)[2], args.standalone, args.baselines,
+                           args.fp8_cache)
     rows = quality_runs(model, tokenizer, methods, args.contexts, args.prefix, args.continuation, args.sources)
     calibration = Calibration.load(calibration_path)
     report = {"model": args.model, "calibration": str(calibration_path),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from lmcache.v1.distributed.api import ObjectKey
 
 from lmcache_kvtc import KVTCCodec
 
@@ -34,6 +35,25 @@ def memory_obj(tensors: list[torch.Tensor]):
 
 def byte_buffer(size: int):
     return memory_obj([torch.zeros(size, dtype=torch.uint8)])
+
+
+KEY = ObjectKey(chunk_hash=b"\x01" * 32, model_name="qwen2.5-coder-0.5b", kv_rank=0)
+
+
+def roundtrip(engine, tensors: list[torch.Tensor], key: ObjectKey = KEY):
+    """``(bytes written, stored buffer, restored groups)`` of one object through the serde's serializer and
+    deserializer."""
+    from lmcache.v1.distributed.api import MemoryLayoutDesc
+
+    from lmcache_kvtc.lmcache.serde import KVTCDeserializer, KVTCSerializer
+
+    src = memory_obj(tensors)
+    size = KVTCSerializer(engine).estimate_serialized_size(MemoryLayoutDesc(src.get_shapes(), src.get_dtypes()))
+    dst = byte_buffer(size)
+    written = KVTCSerializer(engine).serialize(src, dst, key)
+    out = memory_obj([torch.zeros_like(t) for t in tensors])
+    KVTCDeserializer(engine).deserialize(dst, out, key)
+    return written, dst, [out.get_tensor(i) for i in range(len(tensors))]
 
 
 def stored_files(root: Path) -> list[Path]:

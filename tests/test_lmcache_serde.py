@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-from lmcache.v1.distributed.api import MemoryLayoutDesc, ObjectKey
+from lmcache.v1.distributed.api import MemoryLayoutDesc
 from lmcache.v1.distributed.serde import SerdeConfig, create_serde_processor, get_registered_serde_types
-from lmcache_helpers import byte_buffer, memory_obj, standalone
+from lmcache_helpers import KEY, byte_buffer, memory_obj, roundtrip, standalone
 
 from lmcache_kvtc import CalibrationError, CodecError
 from lmcache_kvtc import blob as wire
@@ -30,8 +30,6 @@ from lmcache_kvtc.lmcache.serde import (
 )
 from lmcache_kvtc.lmcache.stats import SerdeStats
 
-KEY = ObjectKey(chunk_hash=b"\x01" * 32, model_name="qwen2.5-coder-0.5b", kv_rank=0)
-
 
 @pytest.fixture(scope="module")
 def engine(small_calibration_path):
@@ -42,16 +40,6 @@ def engine(small_calibration_path):
 def chunks(eval_kv):
     kv, _ = eval_kv
     return [kv[:, :, i : i + 256].contiguous() for i in (0, 256)]
-
-
-def roundtrip(engine, tensors, key=KEY):
-    src = memory_obj(tensors)
-    size = KVTCSerializer(engine).estimate_serialized_size(MemoryLayoutDesc(src.get_shapes(), src.get_dtypes()))
-    dst = byte_buffer(size)
-    written = KVTCSerializer(engine).serialize(src, dst, key)
-    out = memory_obj([torch.zeros_like(t) for t in tensors])
-    KVTCDeserializer(engine).deserialize(dst, out, key)
-    return written, dst, [out.get_tensor(i) for i in range(len(tensors))]
 
 
 def test_register_is_idempotent_and_a_second_import_does_not_raise():

@@ -108,7 +108,8 @@ class KVTCEngine:
             errors = []
             for head_dim in sorted(self.head_dims()) or [None]:
                 try:
-                    layouts.append(classify(shape, dtype, head_dim, self.options.paged_block_size))
+                    layouts.append(classify(shape, dtype, head_dim, self.options.paged_block_size,
+                                            fp8=self.options.fp8 is not None))
                     break
                 except UnsupportedLayoutError as exc:
                     errors.append(exc)
@@ -126,19 +127,20 @@ class KVTCEngine:
                 f"no kvtc calibration in {self.calibrations.origin} fits {layout.layers} layers × "
                 f"{layout.hidden} K/V width"
             )
-        return max(min(self.codec(c).typical_size(layout.tokens, p, dtype=layout.dtype)
+        return max(min(self.codec(c).typical_size(layout.tokens, p, dtype=layout.coded_dtype)
                        for p in range(len(c.plans)))
                    for c in fitting)
 
     def budgets(self, shapes, dtypes) -> list[int]:
-        """Bytes each kernel group may take: together ``floor(raw bytes / ratio)`` including the container
-        header, split in proportion to the groups' raw sizes. A group whose share is below what its coarsest plan
-        may need gets that instead (tiny objects or extreme ratios only). A function of layout and options only.
+        """Bytes each kernel group may take: together ``floor(bf16 bytes / ratio)`` including the container
+        header, split in proportion to the groups' sizes (an fp8 cache's object gets what its bf16 twin gets).
+        A group whose share is below what its coarsest plan may need gets that instead (tiny objects or extreme
+        ratios only). A function of layout and options only.
         """
         signature = describe_layout(shapes, dtypes)
         if signature not in self._budgets:
             layouts = self.group_layouts(shapes, dtypes)
-            raw = [2 * g.layers * g.tokens * g.hidden * g.dtype.itemsize for g in layouts]
+            raw = [2 * g.layers * g.tokens * g.hidden * g.coded_dtype.itemsize for g in layouts]
             total = int(sum(raw) // self.options.ratio) - wire.group_header_size(len(layouts))
             self._budgets[signature] = [max(total * r // sum(raw), self.group_floor(g))
                                         for r, g in zip(raw, layouts, strict=True)]
@@ -177,6 +179,8 @@ class KVTCEngine:
                 i, layout.layers, layout.hidden,
             )
             kv = to_split(tensor, layout, calibration.head_dim)
+            if layout.dtype == torch.uint8:
+                kv = options.fp8.dequantize(kv)
             guess = self.estimator(calibration).estimate(kv[0], options.chunk_size or layout.tokens)
             flags = wire.FLAG_START_ESTIMATED | (wire.FLAG_PADDED if options.fixed_size and len(layouts) == 1 else 0)
             codec = self.codec(calibration)
@@ -207,13 +211,16 @@ class KVTCEngine:
     def _decode_group(self, blob: memoryview, layout: GroupLayout) -> torch.Tensor:
         header, _ = wire.parse(blob)
         calibration = self.calibrations.by_fingerprint(header.fingerprint)
-        kv = self.codec(calibration).decode(blob, tokens=layout.tokens, dtype=layout.dtype)
+        kv = self.codec(calibration).decode(blob, tokens=layout.tokens, dtype=layout.coded_dtype)
         expected = (2, layout.layers, layout.tokens, layout.hidden)
         if tuple(kv.shape) != expected:  # tokens and dtype were checked before decoding
             raise CorruptBlobError(
                 f"blob holds {tuple(kv.shape)} {kv.dtype}; the destination expects {expected} {layout.dtype}"
             )
-        return from_split(kv.cpu(), layout, calibration.head_dim)
+        kv = kv.cpu()
+        if layout.dtype == torch.uint8:
+            kv = self.options.fp8.quantize(kv)
+        return from_split(kv, layout, calibration.head_dim)
 
     def refuse_once(self, tag: tuple, exc: Exception) -> None:
         """One clear log line per kind of refused object (each refusal is also a failed store)."""

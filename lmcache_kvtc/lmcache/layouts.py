@@ -6,9 +6,11 @@
   tokens; only with the serde option ``layout: vllm-cpu``, through a mapping derived from vLLM's own
   kernels (:mod:`.vllm_cpu`).
 
-Everything else — MLA's ``[1, L, T, kv_lora_rank + rope_dim]``, fp8 caches (``uint8``), any
-shape the calibration does not describe — is refused with :class:`UnsupportedLayoutError`, so the
-store fails cleanly (a cache miss) instead of producing a blob that decodes to wrong KV.
+fp8 caches arrive as ``uint8`` objects of the same shapes; they are accepted only when the serde was told
+their format (``kv_cache_dtype``, see :mod:`.fp8`) and coded in bf16. Everything else — MLA's
+``[1, L, T, kv_lora_rank + rope_dim]``, any shape the calibration does not describe — is refused with
+:class:`UnsupportedLayoutError`, so the store fails cleanly (a cache miss) instead of producing a blob that
+decodes to wrong KV.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from ..blob import DTYPE_CODES
 from ..errors import UnsupportedLayoutError
 from . import vllm_cpu
+from .fp8 import CODED_DTYPE
 
 SPLIT = "split"
 FUSED = "fused"
@@ -39,20 +42,29 @@ class GroupLayout:
     dtype: torch.dtype
     block_size: int = 0  # vLLM's block size (paged only)
 
+    @property
+    def coded_dtype(self) -> torch.dtype:
+        """The dtype the codec codes this group in: bf16 for an fp8 cache's ``uint8`` bytes."""
+        return CODED_DTYPE if self.dtype == torch.uint8 else self.dtype
+
 
 def classify(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, head_dim: int | None = None,
-             paged_block_size: int = 0) -> GroupLayout:
+             paged_block_size: int = 0, fp8: bool = False) -> GroupLayout:
     """Recognize a group's layout from its shape and dtype (the serde has no model metadata).
 
     A ``kv_size == 1`` shape is fused only if its last dim splits into pairs of ``head_dim`` halves;
     ``head_dim`` comes from the calibration. Without it a ``kv_size == 1`` shape is refused. A 3-D shape
-    is vLLM-CPU's paged layout only when the serde was told so (``paged_block_size``, its block size).
+    is vLLM-CPU's paged layout only when the serde was told so (``paged_block_size``, its block size). A
+    ``uint8`` object is an fp8 cache only when the serde was told its format (``fp8``).
     """
     shape = tuple(int(s) for s in shape)
-    if dtype not in DTYPE_CODES:
+    if dtype == torch.uint8 and not fp8:
         raise UnsupportedLayoutError(
-            f"KV dtype {dtype} is not supported by kvtc (bfloat16/float16 only; fp8 caches arrive as uint8)"
+            "uint8 KV is an fp8 cache: set the kvtc serde option kv_cache_dtype to vLLM's --kv-cache-dtype "
+            "(fp8, fp8_e4m3 or fp8_e5m2)"
         )
+    if dtype not in DTYPE_CODES and dtype != torch.uint8:
+        raise UnsupportedLayoutError(f"KV dtype {dtype} is not supported by kvtc (bfloat16, float16 or fp8 as uint8)")
     if len(shape) == 3:
         return _classify_paged(shape, dtype, head_dim, paged_block_size)
     if len(shape) != 4:
@@ -74,6 +86,11 @@ def classify(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, head_dim: 
 
 def _classify_paged(shape: tuple[int, ...], dtype: torch.dtype, head_dim: int | None, block_size: int) -> GroupLayout:
     layers, tokens, width = shape
+    if block_size and dtype == torch.uint8:
+        raise UnsupportedLayoutError(
+            f"3-D uint8 object {shape}: vLLM-CPU's fp8 KV cache (--kv-cache-dtype fp8*) is not supported by kvtc "
+            "yet (its paged mapping is derived for 16-bit caches only); run vLLM-CPU with a bf16 cache"
+        )
     if not block_size:
         raise UnsupportedLayoutError(
             f"3-D object {shape} is an MLA latent cache or vLLM-CPU's paged blocks; for vLLM-CPU set the serde "

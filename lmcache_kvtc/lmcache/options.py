@@ -17,6 +17,10 @@
     master_key_path  seal every blob with AES-GCM, one key per cache_salt derived from this file's bytes
                   (at least 32) by LMCache's HkdfKeyProvider (default "": not sealed; see .sealing)
     aes_bits      128 or 256 (default 256), with master_key_path
+    kv_cache_dtype  vLLM's --kv-cache-dtype: "auto" (default: bf16/fp16 objects; uint8 ones are refused) or
+                  "fp8" / "fp8_e4m3" / "fp8_e5m2": uint8 objects are that fp8 cache (see .fp8); ``ratio``
+                  still counts bf16 bytes, so against the fp8 cache the object shrinks ratio/2 times
+    k_scale, v_scale  vLLM's fp8 KV scales (default 1.0, vLLM's own unless the checkpoint ships scales)
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ..defaults import SINKS
+from .fp8 import FP8_FORMATS, Fp8Cache
 
 LAYOUTS = ("auto", "vllm-cpu")
+KV_CACHE_DTYPES = ("auto", *FP8_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,9 @@ class SerdeOptions:
     block_size: int = 128
     master_key_path: str = ""
     aes_bits: int = 256
+    kv_cache_dtype: str = "auto"
+    k_scale: float = 1.0
+    v_scale: float = 1.0
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, object], source: str = "kvtc serde: ") -> SerdeOptions:
@@ -63,12 +72,21 @@ class SerdeOptions:
             raise ValueError(f"{source}out-of-range option in {kwargs}")
         if options.layout not in LAYOUTS:
             raise ValueError(f"{source}layout must be one of {LAYOUTS}, got {options.layout!r}")
+        if options.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"{source}kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {options.kv_cache_dtype!r}")
+        if not (0 < options.k_scale < float("inf") and 0 < options.v_scale < float("inf")):
+            raise ValueError(f"{source}k_scale and v_scale must be positive and finite")
         return options
 
     @property
     def paged_block_size(self) -> int:
         """vLLM's block size when 3-D objects are vLLM-CPU's paged blocks, else 0."""
         return self.block_size if self.layout == "vllm-cpu" else 0
+
+    @property
+    def fp8(self) -> Fp8Cache | None:
+        """The fp8 format ``uint8`` objects hold, or None when the cache is 16-bit."""
+        return Fp8Cache.from_option(self.kv_cache_dtype, self.k_scale, self.v_scale)
 
 
 def typed(name: str, value: object, kind: type, source: str = "kvtc serde: ") -> object:
