@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lmcache.v1.distributed.api import ObjectKey
+from lmcache.v1.distributed.api import MemoryLayoutDesc, ObjectKey
 
 from lmcache_kvtc import KVTCCodec
+from lmcache_kvtc.lmcache.serde import KVTCDeserializer, KVTCSerializer
 
 
 def standalone(calibration, chunk: torch.Tensor, start: int, ratio: float = 16, budget: int | None = None):
@@ -43,10 +44,6 @@ KEY = ObjectKey(chunk_hash=b"\x01" * 32, model_name="qwen2.5-coder-0.5b", kv_ran
 def roundtrip(engine, tensors: list[torch.Tensor], key: ObjectKey = KEY):
     """``(bytes written, stored buffer, restored groups)`` of one object through the serde's serializer and
     deserializer."""
-    from lmcache.v1.distributed.api import MemoryLayoutDesc
-
-    from lmcache_kvtc.lmcache.serde import KVTCDeserializer, KVTCSerializer
-
     src = memory_obj(tensors)
     size = KVTCSerializer(engine).estimate_serialized_size(MemoryLayoutDesc(src.get_shapes(), src.get_dtypes()))
     dst = byte_buffer(size)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lmcache.v1.distributed.api import MemoryLayoutDesc
-from lmcache_helpers import KEY, byte_buffer, memory_obj, roundtrip, standalone
+from lmcache_helpers import KEY, memory_obj, roundtrip, standalone
 
 from calibration import tiers
 from lmcache_kvtc import CodecError
 from lmcache_kvtc.lmcache import layouts
 from lmcache_kvtc.lmcache.fp8 import FP8_FORMATS, Fp8Cache
-from lmcache_kvtc.lmcache.serde import KVTCDeserializer, KVTCEngine, KVTCSerializer, SerdeOptions
+from lmcache_kvtc.lmcache.serde import KVTCDeserializer, KVTCEngine, SerdeOptions
 
 
 def vllm_fp8(kv: torch.Tensor, fmt: torch.dtype) -> torch.Tensor:
@@ -112,10 +111,7 @@ def test_fused_fp8_objects_keep_their_layout(fp8_engine, fp8_chunk):
 
 
 def test_a_corrupt_fp8_blob_leaves_the_destination_untouched(fp8_engine, fp8_chunk):
-    src = memory_obj([fp8_chunk])
-    size = KVTCSerializer(fp8_engine).estimate_serialized_size(MemoryLayoutDesc(src.get_shapes(), src.get_dtypes()))
-    dst = byte_buffer(size)
-    KVTCSerializer(fp8_engine).serialize(src, dst, KEY)
+    _, dst, _ = roundtrip(fp8_engine, [fp8_chunk])
     bad = bytearray(bytes(dst.byte_array))
     bad[400] ^= 0xFF
     out = memory_obj([torch.full_like(fp8_chunk, 7)])
