@@ -129,5 +129,6 @@ def _rotary_class(config):
     module = sys.modules[getattr(transformers, lm_name).__module__]
     name = lm_name.removesuffix("ForCausalLM") + "RotaryEmbedding"
     if not hasattr(module, name):
-        raise CalibrationError(f"{module.__name__} has no {name}; cannot derive RoPE for {config.model_type!r}")
+        raise CalibrationError(f"{config.model_type}: no RoPE ({module.__name__} has no {name}: ALiBi or learned "
+                               "positions?); kvtc removes RoPE and codes RoPE models only")
     return getattr(module, name)

@@ -227,8 +227,7 @@ def test_prerope_keys_are_rotated_cache_keys(lm: tuple) -> None:
     ids = _ids(name, tok)
     t = ids.numel()
     n_layers, heads, dim = kv_capture.kv_dims(model.config)
-    kv, _ = kv_capture.prefill(model, ids)
-    pre = kv_capture.capture_prerope_keys(model, ids)
+    kv, pre = kv_capture.prefill_with_prerope_keys(model, ids)
     assert pre.shape == kv[0].shape
     assert torch.equal(pre[:, 0], kv[0, :, 0]), "position 0 is not rotated"
     rel = (pre[:, 1:].float() - kv[0, :, 1:].float()).abs().mean() / kv[0, :, 1:].float().abs().mean()

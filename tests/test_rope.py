@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from calibration import texts
-from lmcache_kvtc.calibrate.capture import capture_prerope_keys, prefill
+from lmcache_kvtc.calibrate.architecture import rope_error, verified_rope_table
+from lmcache_kvtc.calibrate.capture import prefill_with_prerope_keys
 from lmcache_kvtc.rope import RopeTable, rope_table_from_hf_config
 
 BF16_EPS = 2.0**-8
@@ -16,18 +17,15 @@ BF16_EPS = 2.0**-8
 
 def _real_keys(model, tokenizer, tokens: int):
     ids = texts.token_contexts(tokenizer, texts.python_docs(), 1, tokens, seed=2)[0]
-    kv, _ = prefill(model, ids, logits_to_keep=1)
-    return kv[0], capture_prerope_keys(model, ids), torch.arange(tokens)
+    kv, prerope = prefill_with_prerope_keys(model, ids)
+    return kv[0], prerope, torch.arange(tokens)
 
 
 def _check_exact(rope: RopeTable, cached: torch.Tensor, pre: torch.Tensor, positions: torch.Tensor) -> None:
-    unrotated = rope.unrotate(cached, positions, cached.dtype)
-    # The model rounded k·cos and rotate_half(k)·sin to bf16: the error is bounded by that rounding.
-    scale = pre.float().reshape(*pre.shape[:2], -1, rope.head_dim).abs().amax(-1, keepdim=True)
-    bound = 2 * BF16_EPS * scale.expand(-1, -1, -1, rope.head_dim).reshape(pre.shape) + 1e-6
-    assert ((unrotated - pre.float()).abs() <= bound).all()
+    # The model rounded k·cos, rotate_half(k)·sin and their sum to bf16: the error is bounded by that rounding.
+    assert rope_error(rope, cached, pre) <= 1.0
     # Re-rotating reproduces the cache: bit-identical almost everywhere, never more than one bf16 ulp off.
-    rerotated = rope.rotate(unrotated, positions, cached.dtype).to(cached.dtype)
+    rerotated = rope.rotate(rope.unrotate(cached, positions, cached.dtype), positions, cached.dtype).to(cached.dtype)
     assert (rerotated == cached).float().mean() > 0.999
     assert ((rerotated.float() - cached.float()).abs() <= BF16_EPS * cached.float().abs() + 1e-6).all()
 
@@ -40,6 +38,9 @@ def test_qwen_rope_unrotation_is_exact_on_a_real_cache(qwen05):
     _check_exact(rope, cached, pre, positions)
     wrong_theta = dataclasses.replace(rope, inv_freq=rope.inv_freq ** (4 / 6))  # ~theta 1e4
     assert (wrong_theta.unrotate(cached, positions, cached.dtype) - pre.float()).abs().max() > 1.0
+    assert rope_error(wrong_theta, cached, pre) > 50
+    verified = verified_rope_table(model, texts.token_contexts(tokenizer, texts.python_docs(), 1, 200, seed=4)[0])
+    assert torch.equal(verified.inv_freq, rope.inv_freq) and not verified.interleaved
 
 
 def test_gemma_rope_uses_per_layer_theta_and_covers_sliding_layers(gemma):

@@ -3,8 +3,8 @@
 LMCache keeps one tensor per chunk with K at index 0 and V at index 1, and per layer the KV heads concatenated
 along the last dim: ``kv[0, l, t, h*D:(h+1)*D] == keys[l][0, h, t, :]`` where ``keys[l]`` is the
 ``[batch, heads, T, D]`` tensor of transformers' cache.  Keys in that cache are post-RoPE (and post-``k_norm`` for
-Gemma 3); :func:`capture_prerope_keys` gives the same keys before RoPE so a codec's RoPE removal can be checked
-exactly.
+Gemma 3, Qwen3, OLMo 2); :func:`prefill_with_prerope_keys` gives the same keys before RoPE so a codec's RoPE
+removal can be checked exactly.
 
 Gemma 3's default cache keeps only the last ``sliding_window - 1`` positions of its sliding-window layers.  We pass a
 ``DynamicCache()`` built *without* a config instead: every layer is then a full ``DynamicLayer``, so all layers hold
@@ -14,10 +14,13 @@ Batch size 1 only.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
+
+from ..errors import CalibrationError
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PretrainedConfig, PreTrainedModel
@@ -103,37 +106,39 @@ def cache_from_kv(kv: torch.Tensor, config: PretrainedConfig | int) -> DynamicCa
 
 
 @torch.inference_mode()
-def capture_prerope_keys(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """Keys BEFORE RoPE as ``[L, T, H*D]`` (same layout as ``kv[0]``), via forward hooks.
+def prefill_with_prerope_keys(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kv, prerope)``: :func:`prefill`'s cache and its keys BEFORE RoPE as ``[L, T, H*D]`` (layout of ``kv[0]``).
 
-    Hooks ``self_attn.k_norm`` where it exists (Gemma 3: keys after ``k_norm``, layout ``[B, H, T, D]``) and
-    ``self_attn.k_proj`` otherwise (Qwen2: projection incl. bias, layout ``[B, T, H*D]``).  Used to prove that a
-    codec's RoPE removal/re-application is exact.
+    The keys are recorded where the model hands them to its modeling module's ``apply_rotary_pos_emb`` (after any
+    ``k_norm``, whatever the projection: ``k_proj``, fused ``qkv_proj``, GPT-NeoX's ``query_key_value``). Families
+    with partial rotary (GPT-NeoX, Phi) pass only the rotary dims; the rest of each head is not rotated, so it is
+    taken from the cache. Used to prove that a RoPE table inverts the model's own RoPE exactly.
     """
-    ids = _as_batch(input_ids).to(model.device)
-    layers = model.get_decoder().layers
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, layer in enumerate(layers):
-        attn = layer.self_attn
-        norm = getattr(attn, "k_norm", None)
-        if isinstance(norm, torch.nn.Module):
+    module = sys.modules[type(model).__module__]
+    original = getattr(module, "apply_rotary_pos_emb", None)
+    if original is None:
+        raise CalibrationError(f"{module.__name__} has no apply_rotary_pos_emb: the model applies no RoPE kvtc knows")
+    recorded: list[torch.Tensor] = []
 
-            def hook(_m: torch.nn.Module, _inp: object, out: torch.Tensor, i: int = i) -> None:
-                captured[i] = out[0].transpose(0, 1).reshape(out.shape[-2], -1)  # [1,H,T,D] -> [T, H*D]
+    def recording(q: torch.Tensor, k: torch.Tensor, *args: object, **kwargs: object):
+        recorded.append(k[0].transpose(0, 1))  # [1, H, T, d] -> [T, H, d]
+        return original(q, k, *args, **kwargs)
 
-            handles.append(norm.register_forward_hook(hook))
-        else:
-
-            def hook(_m: torch.nn.Module, _inp: object, out: torch.Tensor, i: int = i) -> None:
-                captured[i] = out[0]  # [1, T, H*D]
-
-            handles.append(attn.k_proj.register_forward_hook(hook))
+    module.apply_rotary_pos_emb = recording
     try:
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        kv, _ = prefill(model, input_ids, logits_to_keep=1)
     finally:
-        for h in handles:
-            h.remove()
-    if len(captured) != len(layers):
-        raise RuntimeError(f"captured keys for {len(captured)} of {len(layers)} layers")
-    return torch.stack([captured[i] for i in range(len(layers))])
+        module.apply_rotary_pos_emb = original
+    layers, kv_heads, head_dim = kv_dims(model.config)
+    if kv.shape[1] != layers or kv.shape[3] != kv_heads * head_dim:
+        raise CalibrationError(f"the cache {tuple(kv.shape)} is not [2, {layers} layers, T, {kv_heads} KV heads × "
+                               f"head_dim {head_dim}] as the config says")
+    if len(recorded) != layers:
+        raise CalibrationError(f"the model applied RoPE {len(recorded)} times for {layers} layers")
+    tokens = kv.shape[2]
+    cached = kv[0].reshape(layers, tokens, -1, head_dim)
+    prerope = torch.stack(recorded)
+    if prerope.shape[:3] != cached.shape[:3] or prerope.shape[-1] > head_dim:
+        raise CalibrationError(f"keys given to RoPE {tuple(prerope.shape)} do not fit the cache {tuple(cached.shape)}")
+    prerope = torch.cat([prerope, cached[..., prerope.shape[-1]:]], dim=-1)  # partial rotary: the rest as cached
+    return kv, prerope.reshape(layers, tokens, -1)

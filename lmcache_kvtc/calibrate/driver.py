@@ -1,7 +1,8 @@
 """Calibration driver: a transformers decoder LM + text -> KVTC calibration file (+ report with plots).
 
 Each context is prefilled once; its KV cache minus the attention sinks and the recent
-window becomes per-token feature vectors (keys de-rotated with the model's own RoPE). The
+window becomes per-token feature vectors (keys de-rotated with the model's own RoPE, checked exact on the
+first held-out context before anything is fitted: :mod:`.architecture`). The
 last contexts are held out: the quantizer's bytes and error are measured on them, and — with
 ``key_weight="auto"`` — the model's own next-token KL on their last tokens picks how the
 bit budget is split between keys and values. Nothing held out is used to fit the PCA.
@@ -22,7 +23,8 @@ from tqdm import tqdm
 from ..calibration import Calibration, StreamBasis
 from ..codec import KVTCCodec, token_features
 from ..defaults import SINKS, WINDOW
-from ..rope import RopeTable, rope_table_from_hf_config
+from ..rope import RopeTable
+from .architecture import check_architecture, verified_rope_table
 from .capture import kv_dims, prefill
 from .contexts import token_contexts
 from .fitting import DEFAULT_RATIOS, FeatureCovariance, Planner, add_batch, assemble
@@ -31,6 +33,7 @@ from .metrics import compare_logits, continuation_logits
 log = logging.getLogger(__name__)
 
 MAX_HELDOUT_TOKENS = 4096
+ROPE_CHECK_TOKENS = 1024
 KEY_WEIGHT_CANDIDATES = (None, 16.0, 64.0)
 NORMALIZATIONS = ("none", "layer")
 TUNING_RATIOS = (8.0, 16.0, 32.0)
@@ -120,9 +123,10 @@ def calibrate(
         model, lm, tokenizer = model
     else:
         lm, tokenizer = load_model(model)
+    check_architecture(lm.config)
     layers, kv_heads, head_dim = kv_dims(lm.config)
-    rope = rope_table_from_hf_config(lm.config.get_text_config(decoder=True))
     fit_ids, heldout_ids = split_contexts(tokenizer, documents, tokens, context, heldout_contexts)
+    rope = verified_rope_table(lm, heldout_ids[0][:ROPE_CHECK_TOKENS])
     data = capture(lm, fit_ids, heldout_ids, {"model": rope}, desc=f"calibrating {model}")
     heldout, heldout_kv = data.heldout["model"], data.heldout_kv
     normalizations = NORMALIZATIONS if normalize == "auto" else (normalize,)
