@@ -28,6 +28,7 @@ def main(argv: list[str]) -> None:
 
     llm = LLM(model=config["model"], enforce_eager=True, enable_prefix_caching=False, dtype="bfloat16",
               max_model_len=int(config.get("max_model_len", 4096)), block_size=int(config.get("block_size", 128)),
+              tensor_parallel_size=int(config.get("tensor_parallel_size", 1)),
               kv_transfer_config=KVTransferConfig(**config["kv_transfer_config"]))
 
     def reply(payload: dict) -> None:

@@ -149,13 +149,17 @@ class VLLMDriver:
     """One ``vllm.LLM`` in its own process (``benchmarks.vllm_driver``), fed one request at a time."""
 
     def __init__(self, python: Path, workdir: Path, model: Path, kv_transfer_config: dict, name: str = "vllm",
-                 max_model_len: int = 4096):
+                 max_model_len: int = 4096, tensor_parallel_size: int = 1, cpu_bind: str | None = None):
         self.log = workdir / f"{name}.log"
-        config = {"model": str(model), "kv_transfer_config": kv_transfer_config, "max_model_len": max_model_len}
+        config = {"model": str(model), "kv_transfer_config": kv_transfer_config, "max_model_len": max_model_len,
+                  "tensor_parallel_size": tensor_parallel_size}
+        env = vllm_env(workdir)
+        if cpu_bind:  # vLLM-CPU's cores per worker, "0|1" (it starts TP workers only with explicit cores)
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen([str(python), "-m", "benchmarks.vllm_driver", json.dumps(config)],
                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                            env=vllm_env(workdir), cwd=REPO, text=True, start_new_session=True)
+                                            env=env, cwd=REPO, text=True, start_new_session=True)
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lmcache_kvtc.calibrate.driver import calibrate
 from lmcache_kvtc.calibration import FORMAT_VERSION, Calibration
-from lmcache_kvtc.cli import add_calibrate_options, calibrate_options
+from lmcache_kvtc.cli import add_calibrate_options, calibrate_options, wrote
 
 from . import models, texts
 
@@ -78,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.default:
-        if args.model or args.out or args.text or args.wikipedia:
-            parser.error("--default takes no --model, --out, --text or --wikipedia")
+        if args.model or args.out or args.text or args.wikipedia or args.tp:
+            parser.error("--default takes no --model, --out, --text, --wikipedia or --tp")
         print(default_calibration(args.default))
         return 0
     if not (args.model and args.out):
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         documents = [Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text]
         options["source"] = ", ".join(args.text)
     cal = calibrate_named(args.model, documents, **options)
-    print(f"wrote {args.out} (fingerprint {cal.fingerprint.hex()}); report {Path(args.out).with_suffix('.report')}")
+    print(wrote(args.out, cal, args.tp))
     return 0
 
 

@@ -29,13 +29,17 @@ def add_calibrate_options(parser: argparse.ArgumentParser, required: bool = True
     parser.add_argument("--normalize", choices=("auto", "none", "layer"), default="auto",
                         help="scale each layer to unit energy before the PCA: auto (tuned like --key-weight), "
                              "none, layer")
-    parser.add_argument("--out", required=required, help="calibration file to write (.safetensors)")
+    parser.add_argument("--tp", type=int, nargs="+", default=[], metavar="SIZE",
+                        help="vLLM --tensor-parallel-size(s) to serve: --out is then a directory of one calibration "
+                             "per size and rank plus index.json (give the directory as the serde's calibration)")
+    parser.add_argument("--out", required=required,
+                        help="calibration file to write (.safetensors); a directory with --tp")
 
 
 def calibrate_options(args: argparse.Namespace) -> dict:
     """The driver's keyword arguments from :func:`add_calibrate_options`' options."""
     return dict(tokens=args.tokens, context=args.context, ratios=args.ratios, out=args.out,
-                key_weight=args.key_weight, normalize=args.normalize)
+                key_weight=args.key_weight, normalize=args.normalize, tp_sizes=args.tp)
 
 
 def key_weight(text: str) -> str | float | None:
@@ -59,8 +63,15 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     documents = [Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text]
     cal = calibrate(args.model, documents, source=", ".join(args.text), **calibrate_options(args))
-    print(f"wrote {args.out} (fingerprint {cal.fingerprint.hex()}); report {Path(args.out).with_suffix('.report')}")
+    print(wrote(args.out, cal, args.tp))
     return 0
+
+
+def wrote(out: str, calibration, tp_sizes: list[int]) -> str:
+    """What a calibration command tells its user it wrote."""
+    if tp_sizes:
+        return f"wrote {out}/index.json and one calibration per rank of tensor-parallel sizes {tp_sizes}"
+    return f"wrote {out} (fingerprint {calibration.fingerprint.hex()}); report {Path(out).with_suffix('.report')}"
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -28,6 +28,23 @@ def gemma():
 
 
 @pytest.fixture(scope="session")
+def tokenizer():
+    """Qwen2.5's tokenizer (what the tiny models of :mod:`tiny_models` are given)."""
+    from transformers import AutoTokenizer
+
+    require_model(SMALL_MODEL)
+    return AutoTokenizer.from_pretrained(models.model_dir(SMALL_MODEL), local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """Wikipedia articles in one UTF-8 file, as ``kvtc calibrate --text`` takes them."""
+    path = tmp_path_factory.mktemp("text") / "wikipedia.txt"
+    path.write_text("\n\n".join(text("wikipedia_en")[:40]), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def small_calibration_path(qwen05, tmp_path_factory):
     """A real calibration of Qwen2.5-Coder-0.5B on Wikipedia, small enough for CI (8 × 1024 tokens)."""
     from calibration.recipes import calibrate_named
@@ -36,6 +53,19 @@ def small_calibration_path(qwen05, tmp_path_factory):
     calibrate_named(SMALL_MODEL, text("wikipedia_en"), tokens=8 * 1024, context=1024, heldout_contexts=2,
               ratios=(8, 16, 32), out=path, source="wikipedia (test)", key_weight=16.0, normalize="none")
     return path
+
+
+@pytest.fixture(scope="session")
+def small_tp_calibration(qwen05, tmp_path_factory):
+    """``(directory, whole-model calibration)``: like :func:`small_calibration_path`, written with ``tp_sizes``
+    (1, 2, 4) — one file per vLLM rank of each size (Qwen2.5-Coder-0.5B has 2 KV heads) plus ``index.json``."""
+    from calibration.recipes import calibrate_named
+
+    directory = tmp_path_factory.mktemp("tp")
+    whole = calibrate_named(SMALL_MODEL, text("wikipedia_en"), tokens=8 * 1024, context=1024, heldout_contexts=2,
+                            ratios=(8, 16, 32), out=directory, source="wikipedia (test)", key_weight=16.0,
+                            normalize="none", tp_sizes=(1, 2, 4))
+    return directory, whole
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,9 @@ import dataclasses
 import pytest
 import torch
 from lmcache_helpers import roundtrip, standalone
-from prepared import require_model, text
 from tiny_models import REFUSED, SUPPORTED, build, save
 
-from calibration import models, texts
+from calibration import texts
 from lmcache_kvtc import Calibration, CalibrationError, KVTCCodec
 from lmcache_kvtc.calibrate.architecture import check_architecture, rope_error, verified_rope_table
 from lmcache_kvtc.calibrate.capture import prefill, prefill_with_prerope_keys
@@ -23,21 +22,6 @@ from lmcache_kvtc.lmcache import layouts
 from lmcache_kvtc.lmcache.serde import KVTCEngine, SerdeOptions
 
 INTERLEAVED = {"cohere", "glm"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    require_model("qwen2.5-coder-0.5b")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(models.model_dir("qwen2.5-coder-0.5b"), local_files_only=True)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "wikipedia.txt"
-    path.write_text("\n\n".join(text("wikipedia_en")[:40]), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module", params=list(SUPPORTED), ids=[t for t, _, _ in SUPPORTED.values()])

@@ -19,7 +19,10 @@ from prepared import text, vllm_python
 
 from benchmarks.vllm_processes import REPO, MPServer, Pid, VLLMDriver, free_port, pids_of, vllm_env
 from calibration import models
+from lmcache_kvtc import Calibration
+from lmcache_kvtc.calibrate.tensor_parallel import file_name
 from lmcache_kvtc.errors import UnsupportedLayoutError
+from lmcache_kvtc.inspect import describe
 from lmcache_kvtc.lmcache import vllm_cpu
 from lmcache_kvtc.lmcache.serde import KVTCEngine, SerdeOptions
 
@@ -244,3 +247,35 @@ def test_vllm_autostarts_the_server_with_the_plugin_loader_and_it_outlives_vllm(
     engine.stop(keep_children=True)
     assert pids_of("lmcache.v1.multiprocess.http_server", f"--port {port}") == server, \
         "vLLM's autostarted server is expected to outlive vLLM (the README says so)"
+
+
+def test_vllm_cpu_with_tensor_parallel_2_serves_a_prefix_from_both_ranks_blobs(small_tp_calibration, tmp_path,
+                                                                                started):
+    """``--tensor-parallel-size 2``: each worker caches one of the 0.5B's two KV heads; the serde codes each
+    rank's objects with that rank's calibration (found by ``kv_rank`` in the directory's index)."""
+    directory, whole = small_tp_calibration
+    python = vllm_python()
+    key = f"{secrets.randbelow(90000) + 10000}"
+    prompt = passkey_prompt(key)
+    fs = {"type": "fs", "base_path": str(tmp_path / "l2"), "serde": kvtc_serde(directory)}
+    server = MPServer(python, tmp_path, fs)
+    server.start()
+    started.append(server)
+    # Both workers on core 0, so the server decodes on core 1: workers bound to every core of this 2-core machine
+    # starve the server, its heartbeat misses and vLLM falls back to recomputing (measured: no L2 hit, 23 s).
+    engine = VLLMDriver(python, tmp_path, models.model_dir("qwen2.5-coder-0.5b"), connector(server.port),
+                        tensor_parallel_size=2, cpu_bind="0|0")
+    started.append(engine)
+    engine.wait_ready()
+    first = engine.generate(prompt)
+    chunks = first["prompt_tokens"] // TOKENS
+    server.wait_settled()
+    files = stored_files(tmp_path / "l2")
+    assert sorted(f.stat().st_size for f in files) == [CHUNK_BYTES // 2 // 16] * (2 * chunks)  # a head per rank
+    used = sorted(describe(f.read_bytes())["calibration_fingerprint"] for f in files)
+    ranks = [Calibration.load(directory / file_name(whole.model_id, 2, r)).fingerprint.hex() for r in (0, 1)]
+    assert used == sorted(ranks * chunks)
+    before = len(server.retained())
+    second = engine.generate(prompt)
+    assert sum(l2 for _, l2 in server.retained()[before:]) == 2 * chunks, server.retained()
+    assert key in second["text"], (first, second)

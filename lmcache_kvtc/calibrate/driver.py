@@ -10,6 +10,7 @@ bit budget is split between keys and values. Nothing held out is used to fit the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ from ..calibration import Calibration, StreamBasis
 from ..codec import KVTCCodec, token_features
 from ..defaults import SINKS, WINDOW
 from ..rope import RopeTable
+from . import tensor_parallel
 from .architecture import check_architecture, verified_rope_table
 from .capture import kv_dims, prefill
 from .contexts import token_contexts
@@ -108,6 +110,7 @@ def calibrate(
     source: str = "custom text",
     key_weight: float | None | str = "auto",
     normalize: str = "auto",
+    tp_sizes: Sequence[int] = (),
 ) -> Calibration:
     """Calibrate ``model`` (a Hugging Face model directory, or ``(name, model, tokenizer)``) on ``tokens`` tokens
     of ``documents`` cut into contexts of ``context`` tokens.
@@ -117,6 +120,10 @@ def calibrate(
     the raw features; ``"layer"`` first scales every layer to unit energy (see
     :class:`~lmcache_kvtc.calibration.StreamBasis`). ``"auto"`` (either) tries the choices and
     keeps the one with the lowest next-token KL on held-out calibration contexts.
+
+    ``tp_sizes`` (e.g. ``(2, 4)``): ``out`` is then a directory that receives one calibration per tensor-parallel
+    size and rank, fitted from the same capture on the KV heads vLLM gives that rank, and the ``index.json`` the
+    serde selects them with (:mod:`.tensor_parallel`). The whole model's calibration is returned either way.
     """
     started = time.time()
     if isinstance(model, tuple):
@@ -125,6 +132,8 @@ def calibrate(
         lm, tokenizer = load_model(model)
     check_architecture(lm.config)
     layers, kv_heads, head_dim = kv_dims(lm.config)
+    for size in tp_sizes:  # a size vLLM cannot shard this model over fails before anything is prefilled
+        tensor_parallel.rank_heads(kv_heads, size, 0)
     fit_ids, heldout_ids = split_contexts(tokenizer, documents, tokens, context, heldout_contexts)
     rope = verified_rope_table(lm, heldout_ids[0][:ROPE_CHECK_TOKENS])
     data = capture(lm, fit_ids, heldout_ids, {"model": rope}, desc=f"calibrating {model}")
@@ -163,13 +172,41 @@ def calibrate(
     calibration.info["seconds"] = round(time.time() - started, 1)
     if calibration.layers != layers:
         raise RuntimeError(f"RoPE table has {calibration.layers} layers, the model {layers}")
-    if out is not None:
+    if out is not None and tp_sizes:
+        save_ranks(calibration, data.covariances["model"], heldout, tp_sizes, Path(out))
+    elif out is not None:
         from .report import write_report
 
         calibration.save(out)
         report = write_report(calibration, Path(out).with_suffix(".report"))
         log.info("wrote %s (fingerprint %s) and %s", out, calibration.fingerprint.hex(), report)
     return calibration
+
+
+def save_ranks(whole: Calibration, covariances: dict[str, FeatureCovariance], heldout: torch.Tensor,
+               tp_sizes: Sequence[int], directory: Path) -> Path:
+    """One calibration per (tensor-parallel size, rank) in ``directory`` plus its ``index.json``; the fit choices
+    (normalization, K/V split) are the whole model's; ranks that cache the same heads share one fit."""
+    directory.mkdir(parents=True, exist_ok=True)
+    normalize, key_weight = whole.info["normalize"], whole.info["key_weight"]
+    fits: dict[range, Calibration] = {}
+    ranks = [(size, rank) for size in sorted(set(tp_sizes)) for rank in range(size)]
+    for size, rank in tqdm(ranks, desc="fitting tensor-parallel ranks"):
+        heads = tensor_parallel.rank_heads(whole.kv_heads, size, rank)
+        if heads not in fits:
+            index = tensor_parallel.feature_index(whole.layers, whole.kv_heads, whole.head_dim, heads)
+            streams = fit_streams({s: c.subset(index) for s, c in covariances.items()}, normalize, whole.layers)
+            planner = Planner(streams, heldout[:, :, index], min(whole.ratios))
+            info = {**whole.info, "kv_heads_of_model": whole.kv_heads, "heads": [heads.start, heads.stop],
+                    "heldout_energy": planner.energy}
+            fits[heads] = assemble(model_id=whole.model_id, kv_heads=len(heads), head_dim=whole.head_dim,
+                                   rope=whole.rope, streams=planner.streams,
+                                   plans=planner.plans(whole.ratios, key_weight), info=info)
+        calibration = dataclasses.replace(fits[heads], info={**fits[heads].info, "tp_size": size, "tp_rank": rank})
+        calibration.save(directory / tensor_parallel.file_name(whole.model_id, size, rank))
+    index = tensor_parallel.write_index(directory, whole.model_id, ranks)
+    log.info("wrote %d rank calibrations and %s", len(ranks), index)
+    return index
 
 
 def fit_streams(covariances: dict[str, FeatureCovariance], normalize: str, layers: int) -> dict[str, StreamBasis]:

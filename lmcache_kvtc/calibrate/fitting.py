@@ -47,6 +47,13 @@ class FeatureCovariance:
         covariance = self.outer / self.count - torch.outer(mean_shifted, mean_shifted)
         return self.shift.double() + mean_shifted, covariance
 
+    def subset(self, index: torch.Tensor) -> FeatureCovariance:
+        """The moments of the features at ``index`` alone (a sub-block: what fitting only those would have summed)."""
+        part = FeatureCovariance(0)
+        part.count, part.total, part.outer = self.count, self.total[index], self.outer[index][:, index]
+        part.shift = None if self.shift is None else self.shift[index]
+        return part
+
     def layer_scale(self, layers: int) -> torch.Tensor:
         """Per feature, the RMS deviation of its layer: dividing by it gives every layer unit energy."""
         _, covariance = self.moments()
