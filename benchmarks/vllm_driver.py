@@ -29,6 +29,7 @@ def main(argv: list[str]) -> None:
     llm = LLM(model=config["model"], enforce_eager=True, enable_prefix_caching=False, dtype="bfloat16",
               max_model_len=int(config.get("max_model_len", 4096)), block_size=int(config.get("block_size", 128)),
               tensor_parallel_size=int(config.get("tensor_parallel_size", 1)),
+              disable_hybrid_kv_cache_manager=bool(config.get("disable_hybrid_kv_cache_manager", False)),
               kv_transfer_config=KVTransferConfig(**config["kv_transfer_config"]))
 
     def reply(payload: dict) -> None:

@@ -149,10 +149,12 @@ class VLLMDriver:
     """One ``vllm.LLM`` in its own process (``benchmarks.vllm_driver``), fed one request at a time."""
 
     def __init__(self, python: Path, workdir: Path, model: Path, kv_transfer_config: dict, name: str = "vllm",
-                 max_model_len: int = 4096, tensor_parallel_size: int = 1, cpu_bind: str | None = None):
+                 max_model_len: int = 4096, tensor_parallel_size: int = 1, cpu_bind: str | None = None,
+                 disable_hybrid_kv_cache_manager: bool = False):
         self.log = workdir / f"{name}.log"
         config = {"model": str(model), "kv_transfer_config": kv_transfer_config, "max_model_len": max_model_len,
-                  "tensor_parallel_size": tensor_parallel_size}
+                  "tensor_parallel_size": tensor_parallel_size,
+                  "disable_hybrid_kv_cache_manager": disable_hybrid_kv_cache_manager}
         env = vllm_env(workdir)
         if cpu_bind:  # vLLM-CPU's cores per worker, "0|1" (it starts TP workers only with explicit cores)
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind

@@ -69,6 +69,18 @@ def small_tp_calibration(qwen05, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def gemma_calibration_path(gemma, tmp_path_factory):
+    """A small real calibration of Gemma 3 270M (sliding and full layers, two RoPE thetas) on Wikipedia, each
+    layer scaled to unit energy (its first layers carry 10x the value energy of the rest)."""
+    from calibration.recipes import calibrate_named
+
+    path = tmp_path_factory.mktemp("calibration") / "gemma-small.safetensors"
+    calibrate_named("gemma-3-270m", text("wikipedia_en"), tokens=8 * 1024, context=1024, heldout_contexts=2,
+                    ratios=(8, 16, 32), out=path, source="wikipedia (test)", key_weight=16.0, normalize="layer")
+    return path
+
+
+@pytest.fixture(scope="session")
 def small_calibration(small_calibration_path):
     from lmcache_kvtc import Calibration
 

@@ -134,8 +134,8 @@ def passkey_prompt(key: str) -> str:
             "What is the passkey? The passkey is")
 
 
-def kvtc_serde(calibration) -> dict:
-    return {"type": "kvtc", "calibration": str(calibration), "ratio": 16, "layout": "vllm-cpu", "block_size": 128}
+def kvtc_serde(calibration, ratio: float = 16) -> dict:
+    return {"type": "kvtc", "calibration": str(calibration), "ratio": ratio, "layout": "vllm-cpu", "block_size": 128}
 
 
 def connector(port: int, **extra) -> dict:
@@ -249,33 +249,52 @@ def test_vllm_autostarts_the_server_with_the_plugin_loader_and_it_outlives_vllm(
         "vLLM's autostarted server is expected to outlive vLLM (the README says so)"
 
 
+def passkey_stored(started: list, tmp_path, calibration, model: str, ratio: float = 16, **driver_options):
+    """Start an MP server (an ``fs`` tier behind the kvtc serde) and vLLM-CPU on ``model``, send a passkey prompt
+    once and wait until it is stored: ``(server, engine, key, prompt, chunks, stored files)``."""
+    python = vllm_python()
+    key = f"{secrets.randbelow(90000) + 10000}"
+    server = MPServer(python, tmp_path, {"type": "fs", "base_path": str(tmp_path / "l2"),
+                                         "serde": kvtc_serde(calibration, ratio)})
+    server.start()
+    started.append(server)
+    engine = VLLMDriver(python, tmp_path, models.model_dir(model), connector(server.port), **driver_options)
+    started.append(engine)
+    engine.wait_ready()
+    prompt = passkey_prompt(key)
+    chunks = engine.generate(prompt)["prompt_tokens"] // TOKENS
+    server.wait_settled()
+    return server, engine, key, prompt, chunks, stored_files(tmp_path / "l2")
+
+
 def test_vllm_cpu_with_tensor_parallel_2_serves_a_prefix_from_both_ranks_blobs(small_tp_calibration, tmp_path,
                                                                                 started):
     """``--tensor-parallel-size 2``: each worker caches one of the 0.5B's two KV heads; the serde codes each
     rank's objects with that rank's calibration (found by ``kv_rank`` in the directory's index)."""
     directory, whole = small_tp_calibration
-    python = vllm_python()
-    key = f"{secrets.randbelow(90000) + 10000}"
-    prompt = passkey_prompt(key)
-    fs = {"type": "fs", "base_path": str(tmp_path / "l2"), "serde": kvtc_serde(directory)}
-    server = MPServer(python, tmp_path, fs)
-    server.start()
-    started.append(server)
     # Both workers on core 0, so the server decodes on core 1: workers bound to every core of this 2-core machine
     # starve the server, its heartbeat misses and vLLM falls back to recomputing (measured: no L2 hit, 23 s).
-    engine = VLLMDriver(python, tmp_path, models.model_dir("qwen2.5-coder-0.5b"), connector(server.port),
-                        tensor_parallel_size=2, cpu_bind="0|0")
-    started.append(engine)
-    engine.wait_ready()
-    first = engine.generate(prompt)
-    chunks = first["prompt_tokens"] // TOKENS
-    server.wait_settled()
-    files = stored_files(tmp_path / "l2")
+    server, engine, key, prompt, chunks, files = passkey_stored(started, tmp_path, directory, "qwen2.5-coder-0.5b",
+                                                                tensor_parallel_size=2, cpu_bind="0|0")
     assert sorted(f.stat().st_size for f in files) == [CHUNK_BYTES // 2 // 16] * (2 * chunks)  # a head per rank
     used = sorted(describe(f.read_bytes())["calibration_fingerprint"] for f in files)
     ranks = [Calibration.load(directory / file_name(whole.model_id, 2, r)).fingerprint.hex() for r in (0, 1)]
     assert used == sorted(ranks * chunks)
     before = len(server.retained())
-    second = engine.generate(prompt)
+    answer = engine.generate(prompt)
     assert sum(l2 for _, l2 in server.retained()[before:]) == 2 * chunks, server.retained()
-    assert key in second["text"], (first, second)
+    assert key in answer["text"], answer
+
+
+def test_vllm_cpu_serves_gemma3_with_its_sliding_layers_from_kvtc_blobs(gemma_calibration_path, tmp_path, started):
+    """Gemma 3 (5 sliding : 1 full layers, two RoPE thetas). LMCache 0.5.6's engine-driven transfer (vLLM-CPU)
+    refuses vLLM's hybrid KV groups, so vLLM runs with ``--disable-hybrid-kv-cache-manager``: one group of all
+    18 layers, which one calibration codes. The 270M keeps its passkey with the ladder's 8x plan (a 4x budget) and
+    loses it from the 16x plan on (measured on 6 keys: 6/6 at a 4x budget, 1/6 at 8x, 0/6 at 16x)."""
+    server, engine, key, prompt, chunks, files = passkey_stored(started, tmp_path, gemma_calibration_path,
+                                                                "gemma-3-270m", ratio=4,
+                                                                disable_hybrid_kv_cache_manager=True)
+    gemma_chunk = 18 * TOKENS * 2 * 1 * 256 * 2  # 18 layers, 1 KV head of 256, K and V, bf16
+    assert sorted(f.stat().st_size for f in files) == [gemma_chunk // 4] * chunks
+    answer = served_from_l2(server, engine, prompt, chunks)
+    assert key in answer["text"], answer
