@@ -42,6 +42,9 @@ REFUSED = {
                                                      "linear_value_head_dim": 16, "num_experts": 4,
                                                      "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                                      "full_attention_interval": 2}, "hybrid"),
+    "Jamba (Mamba layers)": ("jamba", {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
+                                       "expert_layer_offset": 1, "num_experts": 2, "mamba_d_state": 4,
+                                       "mamba_d_conv": 2, "mamba_expand": 2}, "hybrid"),
     "BLOOM (ALiBi)": ("bloom", {"n_layer": 2, "n_head": 4}, "RoPE"),
 }
 

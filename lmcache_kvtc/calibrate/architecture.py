@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PretrainedConfig, PreTrainedModel
 
 #: layer types that keep a KV cache of every token they attend to (vLLM caches all of them)
-ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+ATTENTION_LAYER_TYPES = {"attention", "full_attention", "sliding_attention", "chunked_attention"}
 #: a RoPE table is exact when no key is further from the model's than this many times the rounding bound
 EXACT = 1.0
 
