@@ -8,14 +8,10 @@ Why detection by trying: ``import nvidia.nvcomp`` succeeds on a machine without 
 every ``Codec(...)`` raises there, so :func:`select_coder` builds a codec and round-trips a
 small buffer against zlib both ways before trusting it, and caches the verdict.
 
-Unverified on a GPU (written against the nvCOMP 6.0.0.12 docstrings; the probe in
-:func:`probe` exercises each of them before the coder is used):
-- ``torch.from_dlpack`` on the entries of an encode result;
-- ``decode(..., out=as_arrays(tensor, ...))`` writing into a caller's CUDA tensor, with a
-  decompression config built from the sizes (sync-free) instead of a RAW stream walk;
-- whether ``buffer_sizes`` of that result reports the inflated sizes or only the capacity
-  (if the latter, the size check below is vacuous and the payload CRC is the guard);
-- whether a nvCOMP failure status surfaces as an exception.
+Why our own buffers on both sides (``encode(..., out=)``, ``decode(..., out=)``): nvCOMP 6.0.0.12 aborted the
+process with a double free when tensors made by ``torch.from_dlpack`` from the entries of a BatchArray it had
+allocated were freed (H200, torch 2.11). The probe in :func:`probe` runs every call this module makes once
+before the coder is trusted.
 """
 
 from __future__ import annotations
@@ -59,8 +55,11 @@ class DeflateNvcomp:
         self.algorithm_type = algorithm_type
         self.sizes_config = sizes_config
         self._codecs: dict[int, object] = {}
+        self._capacity: int | None = None
         cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self._codec(0)  # raises here on a machine where nvCOMP cannot run (before touching torch.cuda)
+        if cuda and self.device.index is None:  # "cuda" -> "cuda:N": tensors report their device with an index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         # A private non-default stream: handle 0 could read as "unset" and make nvCOMP use its own stream.
         self._side = torch.cuda.Stream(self.device) if cuda else None
 
@@ -101,6 +100,13 @@ class DeflateNvcomp:
             return src.to(self.device, non_blocking=True)
         return dst.copy_(src, non_blocking=True)
 
+    def _chunk_capacity(self) -> int:
+        """nvCOMP's bound on one compressed chunk (aligned): the slot each chunk is encoded into."""
+        if self._capacity is None:
+            probe = self.nv.as_array(torch.zeros(CHUNK_SIZE, dtype=torch.uint8, device=self.device))
+            self._capacity = _aligned(int(self._codec(0).get_max_comp_buffer_size(probe)))
+        return self._capacity
+
     # -- encode -----------------------------------------------------------------------------
     def compress(self, sections: Sequence[Section]) -> tuple[bytes, list[ChunkEntry]]:
         """Same contract as :meth:`DeflateCPU.compress` (chunks never span two sections)."""
@@ -130,9 +136,17 @@ class DeflateNvcomp:
             for offset, section, n in placed:
                 if n:
                     self._place(section, staging[offset : offset + n])
-            batch = self._codec(stream).encode(
-                self.nv.as_arrays(staging, [s[1] for s in spans], [s[2] for s in spans], cuda_stream=stream))
+            codec, capacity = self._codec(stream), self._chunk_capacity()
+            # Into our own buffer: nvCOMP 6.0.0.12 aborts the process (double free) when tensors made with
+            # torch.from_dlpack of the entries of a BatchArray it allocated are freed (seen on an H200, torch 2.11).
+            compressed = torch.empty(len(spans) * capacity, dtype=torch.uint8, device=self.device)
+            batch = codec.encode(
+                self.nv.as_arrays(staging, [s[1] for s in spans], [s[2] for s in spans], cuda_stream=stream),
+                out=self.nv.as_arrays(compressed, [i * capacity for i in range(len(spans))],
+                                      [capacity] * len(spans), cuda_stream=stream))
             sizes = list(batch.buffer_sizes)  # waits for the encode
+            if any(not 0 < n < capacity for n in sizes):
+                raise RuntimeError(f"nvCOMP reported compressed sizes {sizes[:4]}... for chunks of {capacity} bytes")
             pad = torch.zeros(CHUNK_ALIGNMENT, dtype=torch.uint8, device=self.device)
             pieces: list[torch.Tensor] = []
             bounds = [[0, 0] for _ in objects]  # per object: [start, end) in the gathered buffer
@@ -142,11 +156,9 @@ class DeflateNvcomp:
                     bounds[o][0] = total
                 results[o][1].append(ChunkEntry(total - bounds[o][0], sizes[i], raw))
                 bounds[o][1] = total + sizes[i]
-                pieces += [torch.from_dlpack(batch[i]).view(-1).view(torch.uint8)[: sizes[i]],
-                           pad[: -sizes[i] % CHUNK_ALIGNMENT]]
+                pieces += [compressed[i * capacity : i * capacity + sizes[i]], pad[: -sizes[i] % CHUNK_ALIGNMENT]]
                 total += _aligned(sizes[i])
             host = torch.cat(pieces).cpu().numpy().tobytes()  # one device-to-host copy; synchronizes
-            del pieces, batch
         return [(host[start:end], index) for (start, end), (_, index) in zip(bounds, results, strict=True)]
 
     # -- decode -----------------------------------------------------------------------------
@@ -162,8 +174,8 @@ class DeflateNvcomp:
         not aligned for nvCOMP are inflated into a scratch buffer and moved into place.
         """
         check_index(index, len(payload) if not isinstance(payload, torch.Tensor) else payload.numel(), total)
-        if out is None:
-            out = torch.empty(total, dtype=torch.uint8, device=self.device)
+        if out is None:  # zeros: a chunk that inflates short of its declared size (not reported) leaves zeros
+            out = torch.zeros(total, dtype=torch.uint8, device=self.device)
         if out.dtype != torch.uint8 or out.numel() != total or not out.is_contiguous() or out.device != self.device:
             raise ValueError(f"out must be a contiguous uint8 tensor of {total} bytes on {self.device}")
         if not index:
@@ -178,7 +190,7 @@ class DeflateNvcomp:
             raw = [e.raw for e in index]
             starts = np.concatenate(([0], np.cumsum(raw)[:-1])).tolist()
             direct = all((out.data_ptr() + s) % align == 0 for s in starts)
-            target = out if direct else torch.empty(len(index) * CHUNK_SIZE, dtype=torch.uint8, device=self.device)
+            target = out if direct else torch.zeros(len(index) * CHUNK_SIZE, dtype=torch.uint8, device=self.device)
             slots = starts if direct else [i * CHUNK_SIZE for i in range(len(index))]
             config = codec.decompression_config(codec.compression_config(raw)) if self.sizes_config else None
             try:
