@@ -126,7 +126,9 @@ class Calibration:
         }
         for name, stream in self.streams.items():
             tensors[f"{name}.mean"] = stream.mean.float().contiguous()
-            tensors[f"{name}.basis"] = stream.basis.float().contiguous()
+            basis = stream.basis.float().contiguous()
+            half = basis.half()  # fitted bases are fp16 values (:func:`...calibrate.fitting.assemble`): stored so
+            tensors[f"{name}.basis"] = half if torch.equal(half.float(), basis) else basis
             tensors[f"{name}.eigenvalues"] = stream.eigenvalues.double().contiguous()
             if stream.scale is not None:
                 tensors[f"{name}.scale"] = stream.scale.float().contiguous()
@@ -188,6 +190,9 @@ class Calibration:
             found = f"{meta.get('format')!r} v{meta.get('version')}"
             raise CalibrationError(f"{origin}: unsupported calibration format {found}; this code reads "
                                    f"{FORMAT!r} v{FORMAT_VERSION} (calibrate the model again)")
+        basis_dtypes = {tensors[f"{s}.basis"].dtype for s in STREAMS if f"{s}.basis" in tensors}
+        if not basis_dtypes <= {torch.float16, torch.float32}:
+            raise CalibrationError(f"{origin}: basis stored as {basis_dtypes}; fp16 or fp32 expected")
         try:
             rope = RopeTable(
                 inv_freq=tensors["rope.inv_freq"],
@@ -196,7 +201,7 @@ class Calibration:
                 interleaved=bool(meta["rope"]["interleaved"]),
             )
             streams = {
-                s: StreamBasis(tensors[f"{s}.mean"], tensors[f"{s}.basis"], tensors[f"{s}.eigenvalues"],
+                s: StreamBasis(tensors[f"{s}.mean"], tensors[f"{s}.basis"].float(), tensors[f"{s}.eigenvalues"],
                                tensors.get(f"{s}.scale"))
                 for s in STREAMS
             }

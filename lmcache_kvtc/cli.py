@@ -32,6 +32,11 @@ def add_calibrate_options(parser: argparse.ArgumentParser, required: bool = True
     parser.add_argument("--tp", type=int, nargs="+", default=[], metavar="SIZE",
                         help="vLLM --tensor-parallel-size(s) to serve: --out is then a directory of one calibration "
                              "per size and rank plus index.json (give the directory as the serde's calibration)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the model prefills and the fit runs: cpu (default) or cuda[:N]")
+    parser.add_argument("--max-rank", type=int, default=None, metavar="R",
+                        help="principal components to keep per stream; default: all up to 12,288 features per "
+                             "stream (exact fit), else 4,096 from a sketch that needs O(features x R) memory")
     parser.add_argument("--out", required=required,
                         help="calibration file to write (.safetensors); a directory with --tp")
 
@@ -39,7 +44,8 @@ def add_calibrate_options(parser: argparse.ArgumentParser, required: bool = True
 def calibrate_options(args: argparse.Namespace) -> dict:
     """The driver's keyword arguments from :func:`add_calibrate_options`' options."""
     return dict(tokens=args.tokens, context=args.context, ratios=args.ratios, out=args.out,
-                key_weight=args.key_weight, normalize=args.normalize, tp_sizes=args.tp)
+                key_weight=args.key_weight, normalize=args.normalize, tp_sizes=args.tp, device=args.device,
+                max_rank=args.max_rank)
 
 
 def key_weight(text: str) -> str | float | None:

@@ -92,3 +92,31 @@ def test_layer_scale_is_stored_fingerprinted_and_validated(small_calibration, tm
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(CalibrationError, match="scale"):
         Calibration.load(path)
+
+
+def test_fitted_bases_are_stored_in_fp16_and_older_fp32_bases_keep_their_fingerprint(small_calibration, tmp_path):
+    fitted, old = tmp_path / "fitted.safetensors", tmp_path / "old.safetensors"
+    small_calibration.save(fitted)
+    assert all(t.dtype == torch.float16 for n, t in load_file(str(fitted)).items() if n.endswith(".basis"))
+    streams = {s: dataclasses.replace(b, basis=b.basis + 1e-6) for s, b in small_calibration.streams.items()}
+    fp32 = dataclasses.replace(small_calibration, streams=streams)  # values fp16 cannot hold: a pre-fp16 file
+    fp32.save(old)
+    assert all(t.dtype == torch.float32 for n, t in load_file(str(old)).items() if n.endswith(".basis"))
+    for calibration, path in ((small_calibration, fitted), (fp32, old)):
+        loaded = Calibration.load(path)
+        assert loaded.fingerprint == calibration.fingerprint
+        assert all(b.basis.dtype == torch.float32 for b in loaded.streams.values())
+    assert fitted.stat().st_size < 0.75 * old.stat().st_size
+
+
+def test_a_basis_of_another_dtype_is_refused(small_calibration_path, tmp_path):
+    tensors = load_file(str(small_calibration_path))
+    from safetensors import safe_open
+
+    with safe_open(str(small_calibration_path), "pt") as f:
+        metadata = f.metadata()
+    tensors["keys.basis"] = tensors["keys.basis"].to(torch.int8)
+    path = tmp_path / "int8.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CalibrationError, match="fp16 or fp32"):
+        Calibration.load(path)

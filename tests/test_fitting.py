@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks.ablations import identity_rope
-from lmcache_kvtc.calibrate.fitting import FeatureCovariance, Planner
+from lmcache_kvtc.calibrate.fitting import (
+    EXACT_MAX_FEATURES,
+    SKETCH_RANK,
+    FeatureCovariance,
+    Planner,
+    SketchedCovariance,
+    new_accumulator,
+)
 from lmcache_kvtc.codec import token_features
 
 
@@ -79,3 +87,72 @@ def test_layer_scaling_evens_out_relative_error_across_layers_and_inverts_exactl
         return float((error / (x - x.mean(dim=0)).square().reshape(4000, 4, 8).sum(dim=(0, 2))).max())
 
     assert worst_layer_error(scaled) < 0.05 < 0.5 < worst_layer_error(plain)
+
+
+def _spectrum_features(rng, tokens: int, features: int, decay: float = 2.0) -> torch.Tensor:
+    """Features whose covariance eigenvalues fall as ``i^-decay`` (the 0.5B's fitted decay is 1.9-2.2), rotated."""
+    rotation, _ = torch.linalg.qr(torch.randn(features, features, generator=rng))
+    sigmas = torch.arange(1, features + 1).float() ** (-decay / 2)
+    return (torch.randn(tokens, features, generator=rng) * sigmas) @ rotation.T + 3.0
+
+
+def test_sketched_fit_finds_the_leading_directions_in_bounded_memory(rng):
+    x = _spectrum_features(rng, 6000, 256)
+    exact, sketch = FeatureCovariance(256), new_accumulator(256, max_rank=32)
+    for part in x.split(700):
+        exact.add(part)
+        sketch.add(part)
+    assert isinstance(sketch, SketchedCovariance) and sketch.sketch.shape == (96, 256)  # 2 × 1.5 × rank rows
+    full, capped = exact.pca(), sketch.pca()
+    assert capped.basis.shape == (256, 32) and capped.eigenvalues.shape == (256,)
+    assert torch.allclose(capped.basis.T @ capped.basis, torch.eye(32), atol=1e-4)
+    assert torch.allclose(capped.mean, full.mean, atol=1e-5)
+    assert torch.isclose(capped.eigenvalues.sum(), full.eigenvalues.sum(), rtol=1e-6)  # exact total variance
+    held_out = _spectrum_features(torch.Generator().manual_seed(9), 2000, 256) - full.mean  # same law, new draw
+
+    def residual(basis, rank: int) -> float:
+        c = held_out @ basis.basis[:, :rank]
+        return float(held_out.square().sum() - c.square().sum())
+
+    for rank in (8, 16, 32):  # the energy a plan of that rank drops: within 3 % of the exact fit's, up to the cap
+        assert residual(capped, rank) <= 1.03 * residual(full, rank), rank
+
+
+def test_sketched_fit_scales_features_like_the_exact_fit(rng):
+    x = _spectrum_features(rng, 4000, 64)
+    x[:, :16] *= 30.0  # one loud "layer" of four
+    exact, sketch = FeatureCovariance(64), SketchedCovariance(64, 48)
+    exact.add(x)
+    sketch.add(x)
+    assert torch.allclose(sketch.layer_scale(4), exact.layer_scale(4), rtol=1e-5)
+    a, b = exact.pca(scale=exact.layer_scale(4)), sketch.pca(scale=sketch.layer_scale(4))
+    assert torch.allclose(a.eigenvalues[:8], b.eigenvalues[:8], atol=0.03)  # the sketch's shrinkage: ~0.02 here
+    with pytest.raises(ValueError, match="per-layer"):
+        sketch.pca(groups=4)
+
+
+def test_rank_capped_plans_count_the_energy_outside_the_basis(rng):
+    x = _spectrum_features(rng, 5000, 128, decay=1.0)  # a slow decay: much energy past a cap of 16
+    features = torch.stack((x, x.flip(1)))
+    full, capped = {}, {}
+    for i, s in enumerate(("keys", "values")):
+        exact, sketch = FeatureCovariance(128), SketchedCovariance(128, 16)
+        exact.add(features[i, :4000])
+        sketch.add(features[i, :4000])
+        full[s], capped[s] = exact.pca(), sketch.pca()
+    held_out = features[:, 4000:]
+    for stream, index in (("keys", 0), ("values", 1)):
+        centered = held_out[index] - capped[stream].mean
+        inside = centered @ capped[stream].basis
+        outside = float((centered.square().sum() - inside.square().sum()) / centered.shape[0])
+        energy = float(held_out[index].double().square().sum(dim=1).mean())
+        plan = Planner(capped, held_out, min_ratio=4).plans((4,))[0]
+        assert plan.streams[stream].expected_error >= 0.99 * outside / energy
+        assert plan.streams[stream].expected_error > Planner(full, held_out, 4).plans((4,))[0].expected_error[stream]
+
+
+def test_new_accumulator_is_exact_up_to_the_limit_and_sketched_past_it():
+    assert isinstance(new_accumulator(EXACT_MAX_FEATURES), FeatureCovariance)
+    past = new_accumulator(EXACT_MAX_FEATURES + 64)
+    assert isinstance(past, SketchedCovariance) and past.rank == SKETCH_RANK
+    assert isinstance(new_accumulator(100, max_rank=100), FeatureCovariance)

@@ -361,3 +361,44 @@ def test_gpu_and_cpu_encoders_write_the_same_symbols_and_keep_the_window_exact(g
     for blob in blobs:
         _within_one_bf16_rounding(gpu.decode(blob), cpu.decode(blob))
         assert torch.equal(gpu.decode(blob)[:, :, -128:].cpu(), kv[:, :, -128:])
+
+
+class _ByteTokenizer:
+    """UTF-8 bytes as token ids: a tokenizer that needs no files (a GPU machine may have no offline models)."""
+
+    bos_token_id = None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": list(text.encode())}
+
+
+@NEEDS_GPU
+def test_calibration_fitted_on_the_gpu_codes_as_well_as_the_cpu_fit():
+    """``kvtc calibrate --device cuda``: prefill, de-rotation, accumulation and the decomposition on the GPU, exact
+    and sketched; the calibrations must code held-out KV about as well as the CPU fit (not bit-identically: the
+    model's GPU kernels differ from its CPU ones)."""
+    from pathlib import Path
+
+    from tiny_models import SUPPORTED, build
+
+    from lmcache_kvtc.calibrate.capture import prefill
+    from lmcache_kvtc.calibrate.driver import calibrate
+
+    documents = [p.read_text() for p in sorted(Path(entropy_gpu.__file__).parent.rglob("*.py"))]
+    model_type, overrides, _ = SUPPORTED["Llama 3.x"]
+    model = build(model_type, overrides, 256)
+    options = dict(tokens=8192, context=512, ratios=(8.0, 16.0), key_weight=None, normalize="none")
+    fits = {"cpu": calibrate(("tiny-llama", model, _ByteTokenizer()), documents, **options)}
+    for name, max_rank in (("cuda", None), ("cuda sketch", 32)):
+        fits[name] = calibrate(("tiny-llama", model, _ByteTokenizer()), documents, device="cuda", max_rank=max_rank,
+                               **options)
+    assert fits["cuda sketch"].info["fit"] == "SketchedCovariance" and fits["cuda"].info["fit"] == "FeatureCovariance"
+    ids = torch.tensor(list(Path(__file__).read_bytes()[:700]))
+    kv = prefill(model.cpu(), ids, logits_to_keep=1)[0]
+    errors = {}
+    for name, calibration in fits.items():
+        codec = KVTCCodec(calibration)
+        decoded = codec.decode(codec.encode(kv, plan=calibration.plan_index(16.0)))
+        errors[name] = float((decoded.float() - kv.float()).square().sum() / kv.float().square().sum())
+    print(errors)
+    assert errors["cuda"] <= 1.25 * errors["cpu"] and errors["cuda sketch"] <= 1.5 * errors["cpu"], errors

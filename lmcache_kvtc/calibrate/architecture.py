@@ -71,6 +71,7 @@ def verified_rope_table(model: PreTrainedModel, input_ids: torch.Tensor) -> Rope
     """The model's RoPE table, proven exact on ``input_ids`` (prefilled once); refused when no convention is."""
     config = model.config.get_text_config(decoder=True)
     kv, prerope = prefill_with_prerope_keys(model, input_ids)
+    kv, prerope = kv.cpu(), prerope.cpu()
     errors = {}
     for interleaved in (False, True):
         rope = rope_table_from_hf_config(config, interleaved=interleaved)

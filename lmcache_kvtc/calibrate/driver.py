@@ -29,7 +29,7 @@ from . import tensor_parallel
 from .architecture import check_architecture, verified_rope_table
 from .capture import kv_dims, prefill
 from .contexts import token_contexts
-from .fitting import DEFAULT_RATIOS, FeatureCovariance, Planner, add_batch, assemble
+from .fitting import DEFAULT_RATIOS, Planner, add_batch, assemble
 from .metrics import compare_logits, continuation_logits
 
 log = logging.getLogger(__name__)
@@ -52,27 +52,29 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, attn_
 
 
 def _features(kv: torch.Tensor, rope) -> torch.Tensor:
+    """On ``kv``'s device: a GPU capture de-rotates and accumulates there."""
     tokens = kv.shape[2]
     keep = slice(SINKS, tokens - WINDOW)
-    return token_features(kv[:, :, keep], torch.arange(tokens)[keep], rope)
+    return token_features(kv[:, :, keep], torch.arange(tokens, device=kv.device)[keep], rope)
 
 
 @dataclass
 class Capture:
     """What one pass over the calibration contexts yields, per RoPE table the features were taken with."""
 
-    heldout_kv: list[torch.Tensor]  # full caches of the held-out contexts
-    heldout: dict[str, torch.Tensor]  # [2, ≤MAX_HELDOUT_TOKENS, p] held-out features
-    covariances: dict[str, dict[str, FeatureCovariance]]  # streaming moments of the fit features
+    heldout_kv: list[torch.Tensor]  # full caches of the held-out contexts (host memory)
+    heldout: dict[str, torch.Tensor]  # [2, ≤MAX_HELDOUT_TOKENS, p] held-out features (host memory)
+    covariances: dict[str, dict]  # streaming moments of the fit features (FeatureCovariance/SketchedCovariance)
 
 
 def capture(lm, fit_ids: Sequence[torch.Tensor], heldout_ids: Sequence[torch.Tensor],
-            ropes: dict[str, RopeTable], desc: str) -> Capture:
-    """Prefill every context once; take features with each of ``ropes`` (ablations use several)."""
+            ropes: dict[str, RopeTable], desc: str, max_rank: int | None = None) -> Capture:
+    """Prefill every context once (on the model's device); take features with each of ``ropes`` (ablations use
+    several). ``max_rank``: see :func:`.fitting.new_accumulator`."""
     progress = tqdm(total=len(fit_ids) + len(heldout_ids), desc=desc, unit="ctx")
     heldout_kv = []
     for ids in heldout_ids:
-        heldout_kv.append(prefill(lm, ids, logits_to_keep=1)[0])
+        heldout_kv.append(prefill(lm, ids, logits_to_keep=1)[0].cpu())
         progress.update()
     heldout = {}
     for name, rope in ropes.items():
@@ -81,11 +83,11 @@ def capture(lm, fit_ids: Sequence[torch.Tensor], heldout_ids: Sequence[torch.Ten
             pick = torch.randperm(features.shape[1], generator=torch.Generator().manual_seed(0))[:MAX_HELDOUT_TOKENS]
             features = features[:, pick.sort().values]
         heldout[name] = features
-    covariances: dict[str, dict[str, FeatureCovariance]] = {name: {} for name in ropes}
+    covariances: dict[str, dict] = {name: {} for name in ropes}
     for ids in fit_ids:
         kv = prefill(lm, ids, logits_to_keep=1)[0]
         for name, rope in ropes.items():
-            add_batch(covariances[name], _features(kv, rope))
+            add_batch(covariances[name], _features(kv, rope), max_rank)
         progress.update()
     progress.close()
     return Capture(heldout_kv, heldout, covariances)
@@ -111,6 +113,8 @@ def calibrate(
     key_weight: float | None | str = "auto",
     normalize: str = "auto",
     tp_sizes: Sequence[int] = (),
+    device: str = "cpu",
+    max_rank: int | None = None,
 ) -> Calibration:
     """Calibrate ``model`` (a Hugging Face model directory, or ``(name, model, tokenizer)``) on ``tokens`` tokens
     of ``documents`` cut into contexts of ``context`` tokens.
@@ -124,19 +128,25 @@ def calibrate(
     ``tp_sizes`` (e.g. ``(2, 4)``): ``out`` is then a directory that receives one calibration per tensor-parallel
     size and rank, fitted from the same capture on the KV heads vLLM gives that rank, and the ``index.json`` the
     serde selects them with (:mod:`.tensor_parallel`). The whole model's calibration is returned either way.
+
+    ``device``: where the model prefills and the covariance is accumulated and decomposed (``"cuda"`` on a GPU);
+    the rate–distortion curves are measured on the CPU coder either way. ``max_rank``: components the fit keeps
+    (default: every one up to :data:`.fitting.EXACT_MAX_FEATURES` features, else a sketch of
+    :data:`.fitting.SKETCH_RANK`; see :func:`.fitting.new_accumulator`).
     """
     started = time.time()
     if isinstance(model, tuple):
         model, lm, tokenizer = model
     else:
         lm, tokenizer = load_model(model)
+    lm = lm.to(device)
     check_architecture(lm.config)
     layers, kv_heads, head_dim = kv_dims(lm.config)
     for size in tp_sizes:  # a size vLLM cannot shard this model over fails before anything is prefilled
         tensor_parallel.rank_heads(kv_heads, size, 0)
     fit_ids, heldout_ids = split_contexts(tokenizer, documents, tokens, context, heldout_contexts)
     rope = verified_rope_table(lm, heldout_ids[0][:ROPE_CHECK_TOKENS])
-    data = capture(lm, fit_ids, heldout_ids, {"model": rope}, desc=f"calibrating {model}")
+    data = capture(lm, fit_ids, heldout_ids, {"model": rope}, desc=f"calibrating {model}", max_rank=max_rank)
     heldout, heldout_kv = data.heldout["model"], data.heldout_kv
     normalizations = NORMALIZATIONS if normalize == "auto" else (normalize,)
     weights = KEY_WEIGHT_CANDIDATES if key_weight == "auto" else (key_weight,)
@@ -163,6 +173,7 @@ def calibrate(
         "sinks_excluded": SINKS,
         "window_excluded": WINDOW,
         "rope_parameters": str(getattr(lm.config, "rope_parameters", None)),
+        "fit": type(data.covariances["model"]["keys"]).__name__,
         "normalize": normalize,
         "key_weight": key_weight,
         "tuning": tuning,
@@ -183,7 +194,7 @@ def calibrate(
     return calibration
 
 
-def save_ranks(whole: Calibration, covariances: dict[str, FeatureCovariance], heldout: torch.Tensor,
+def save_ranks(whole: Calibration, covariances: dict, heldout: torch.Tensor,
                tp_sizes: Sequence[int], directory: Path) -> Path:
     """One calibration per (tensor-parallel size, rank) in ``directory`` plus its ``index.json``; the fit choices
     (normalization, K/V split) are the whole model's; ranks that cache the same heads share one fit."""
@@ -209,7 +220,7 @@ def save_ranks(whole: Calibration, covariances: dict[str, FeatureCovariance], he
     return index
 
 
-def fit_streams(covariances: dict[str, FeatureCovariance], normalize: str, layers: int) -> dict[str, StreamBasis]:
+def fit_streams(covariances: dict, normalize: str, layers: int) -> dict[str, StreamBasis]:
     """PCA per stream, of raw features (``"none"``) or of features scaled per layer (``"layer"``)."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS} or 'auto', got {normalize!r}")

@@ -17,21 +17,38 @@ NAMED_RATIOS = (4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
 DEFAULT_RATIOS = tuple(sorted(set(NAMED_RATIOS) | {round(4 * 2 ** (k / 8), 2) for k in range(33)}))
 
 
+#: up to this many features per stream the fit keeps the exact covariance (two fp64 streams: 2.3 GB at the limit)
+EXACT_MAX_FEATURES = 12 * 1024
+#: components a sketched fit keeps for larger models (an 8B's p is 32,768; its fp16 basis is then 3 % of its weights)
+SKETCH_RANK = 4096
+
+
+def new_accumulator(features: int, max_rank: int | None = None, device: str | torch.device = "cpu"):
+    """The exact :class:`FeatureCovariance` when it is cheap (or ``max_rank`` covers every feature), else a
+    :class:`SketchedCovariance` of ``max_rank`` (default :data:`SKETCH_RANK`) components."""
+    if max_rank is None:
+        max_rank = features if features <= EXACT_MAX_FEATURES else SKETCH_RANK
+    if max_rank >= features:
+        return FeatureCovariance(features, device)
+    return SketchedCovariance(features, max_rank, device)
+
+
 class FeatureCovariance:
     """Streaming mean and covariance of feature vectors.
 
     Batches are shifted by the first batch's mean before the fp32 outer product, so large
     constant channels (Qwen's outlier keys) do not cancel catastrophically; sums are fp64.
+    Memory is p² fp64: past :data:`EXACT_MAX_FEATURES` use :class:`SketchedCovariance`.
     """
 
-    def __init__(self, features: int):
+    def __init__(self, features: int, device: str | torch.device = "cpu"):
         self.count = 0
         self.shift: torch.Tensor | None = None
-        self.total = torch.zeros(features, dtype=torch.float64)
-        self.outer = torch.zeros(features, features, dtype=torch.float64)
+        self.total = torch.zeros(features, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(features, features, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.float()
+        x = x.float().to(self.total.device)
         if self.shift is None:
             self.shift = x.mean(dim=0)
         d = x - self.shift
@@ -82,17 +99,115 @@ class FeatureCovariance:
             )
         order = torch.argsort(variances, descending=True)
         return StreamBasis(
-            mean=mean.float(),
-            basis=basis[:, order].float().contiguous(),
-            eigenvalues=variances[order].clamp(min=0),
-            scale=scale,
+            mean=mean.float().cpu(),
+            basis=basis[:, order].float().cpu().contiguous(),
+            eigenvalues=variances[order].clamp(min=0).cpu(),
+            scale=None if scale is None else scale.cpu(),
         )
 
 
-def add_batch(accumulators: dict[str, FeatureCovariance], batch: torch.Tensor) -> None:
-    """Add a ``[2, N, p]`` feature batch (de-rotated keys, values) to per-stream accumulators."""
+class SketchedCovariance:
+    """Streaming mean and the leading ``rank`` principal directions in O(p·rank) memory.
+
+    Frequent Directions (Liberty 2013; Ghashami et al. 2016): a ``[2ℓ, p]`` buffer of shifted feature rows is
+    shrunk to ``ℓ`` rows whenever it fills, so that ``sketchᵀ·sketch`` stays within ``‖X − X_k‖²_F / (ℓ − k)``
+    (spectral norm) of ``Xᵀ·X``. ``ℓ = 1.5·rank``: with ``ℓ = rank`` the last kept directions dropped 12 % more
+    energy than an exact fit's (an i^-2 spectrum), with 1.5·rank as little as the exact fit's own sampling noise.
+    The per-feature variances are exact; the spectrum past ``rank`` is reported flat with the exact remaining
+    energy (plans never use it).
+    """
+
+    def __init__(self, features: int, rank: int, device: str | torch.device = "cpu"):
+        self.rank = rank
+        self.rows = rank + rank // 2
+        self.count, self.filled = 0, 0
+        self.shift: torch.Tensor | None = None
+        self.total = torch.zeros(features, dtype=torch.float64, device=device)
+        self.squares = torch.zeros(features, dtype=torch.float64, device=device)
+        self.sketch = torch.zeros(2 * self.rows, features, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float().to(self.total.device)
+        if self.shift is None:
+            self.shift = x.mean(dim=0)
+        d = x - self.shift
+        self.total += d.sum(dim=0, dtype=torch.float64)
+        self.squares += d.square().sum(dim=0, dtype=torch.float64)
+        self.count += x.shape[0]
+        row = 0
+        while row < d.shape[0]:
+            take = min(self.sketch.shape[0] - self.filled, d.shape[0] - row)
+            self.sketch[self.filled : self.filled + take] = d[row : row + take]
+            self.filled, row = self.filled + take, row + take
+            if self.filled == self.sketch.shape[0]:
+                self._shrink()
+
+    def _shrink(self) -> None:
+        """Keep the ``ℓ`` leading right singular directions, each shortened by the next singular value."""
+        rows = self.sketch[: self.filled]
+        s2, u = torch.linalg.eigh((rows @ rows.T).double())
+        s2, u = s2.flip(0).clamp(min=0), u.flip(1)
+        kept = min(self.rows, self.filled)
+        delta = s2[kept] if kept < self.filled else 0.0
+        factor = ((s2[:kept] - delta).clamp(min=0) / s2[:kept].clamp(min=1e-30)).sqrt()
+        shrunk = (u[:, :kept].T.float() @ rows) * factor[:, None].float()
+        self.sketch.zero_()
+        self.sketch[:kept] = shrunk
+        self.filled = kept
+
+    def variances(self) -> torch.Tensor:
+        """Exact per-feature variance, fp64."""
+        if self.count < 2 or self.shift is None:
+            raise ValueError("need at least two feature vectors")
+        mean_shifted = self.total / self.count
+        return (self.squares / self.count - mean_shifted.square()).clamp(min=0)
+
+    def subset(self, index: torch.Tensor) -> SketchedCovariance:
+        """The sketch of the features at ``index`` alone (a column subset of a sketch sketches those columns)."""
+        part = SketchedCovariance(0, self.rank, self.total.device)
+        part.count, part.filled, part.shift = self.count, self.filled, None if self.shift is None else self.shift[index]
+        part.total, part.squares, part.sketch = self.total[index], self.squares[index], self.sketch[:, index]
+        return part
+
+    def layer_scale(self, layers: int) -> torch.Tensor:
+        """As :meth:`FeatureCovariance.layer_scale`, from the exact variances."""
+        variances = self.variances()
+        rms = variances.reshape(layers, -1).mean(dim=1).sqrt().clamp(min=1e-6)
+        return rms.repeat_interleave(variances.shape[0] // layers).float()
+
+    def pca(self, groups: int = 1, scale: torch.Tensor | None = None) -> StreamBasis:
+        """The ``rank`` leading directions of the (scaled) covariance within the sketch's span and the mean's."""
+        if groups != 1:
+            raise ValueError("a sketched covariance has no per-layer PCA (use the exact FeatureCovariance)")
+        variances = self.variances()
+        mean_shifted = self.total / self.count
+        rows, m = self.sketch[: self.filled], mean_shifted.float()
+        if scale is not None:
+            scale = scale.to(rows.device)
+            rows, m, variances = rows / scale, m / scale, variances / scale.double().square()
+        q, _ = torch.linalg.qr(torch.cat((rows, m[None])).T)  # [p, filled + 1] orthonormal span
+        projected_rows, projected_mean = (rows @ q).double(), (m @ q).double()
+        small = projected_rows.T @ projected_rows / self.count - torch.outer(projected_mean, projected_mean)
+        values, vectors = torch.linalg.eigh(small)
+        order = torch.argsort(values, descending=True)[: self.rank]
+        top = values[order].clamp(min=0)
+        features = variances.shape[0]
+        tail = (variances.sum() - top.sum()).clamp(min=0) / max(features - len(top), 1)
+        return StreamBasis(
+            mean=(self.shift.double() + mean_shifted).float().cpu(),
+            basis=(q @ vectors[:, order].float()).cpu().contiguous(),
+            eigenvalues=torch.cat((top, tail.expand(features - len(top)))).cpu(),
+            scale=None if scale is None else scale.cpu(),
+        )
+
+
+def add_batch(accumulators: dict, batch: torch.Tensor, max_rank: int | None = None) -> None:
+    """Add a ``[2, N, p]`` feature batch (de-rotated keys, values) to per-stream accumulators (made on the
+    batch's device by :func:`new_accumulator` at the first batch)."""
     for i, s in enumerate(STREAMS):
-        accumulators.setdefault(s, FeatureCovariance(batch.shape[2])).add(batch[i])
+        if s not in accumulators:
+            accumulators[s] = new_accumulator(batch.shape[2], max_rank, batch.device)
+        accumulators[s].add(batch[i])
 
 
 def fit_bases(fit_batches: Iterable[torch.Tensor]) -> dict[str, StreamBasis]:
@@ -122,7 +237,13 @@ class Planner:
         for i, s in enumerate(STREAMS):
             basis = streams[s]
             sigmas = basis.eigenvalues[: basis.basis.shape[1]].sqrt()
-            self.curves[s] = curve(basis.project(heldout[i]), sigmas, top)
+            projections = basis.project(heldout[i])
+            residual = None
+            if basis.basis.shape[1] < self.features:  # a rank-capped basis: what lies outside it is error too
+                centered = heldout[i].double() - basis.mean.double()
+                centered = centered if basis.scale is None else centered / basis.scale.double()
+                residual = (centered.square().sum(dim=1) - projections.double().square().sum(dim=1)).clamp(min=0)
+            self.curves[s] = curve(projections, sigmas, top, residual)
             x = heldout[i].double() if basis.scale is None else heldout[i].double() / basis.scale
             self.energy[s] = float(x.square().sum(dim=1).mean())
 
@@ -162,9 +283,11 @@ def _finest_within(front: list[CurvePoint], budget: float) -> CurvePoint:
 
 def assemble(*, model_id: str, kv_heads: int, head_dim: int, rope: RopeTable, streams: dict[str, StreamBasis],
              plans: list[Plan], info: dict | None = None) -> Calibration:
-    """A validated calibration whose bases are trimmed to the rank its plans use."""
+    """A validated calibration whose bases are trimmed to the rank its plans use and rounded to fp16 (stored so:
+    half the file; measured on Qwen2.5-Coder-0.5B at 8–32×, the codec's relative error is unchanged to 5 digits)."""
     trimmed = {
-        s: StreamBasis(b.mean, b.basis[:, : max(p.rank(s) for p in plans)].contiguous(), b.eigenvalues, b.scale)
+        s: StreamBasis(b.mean, b.basis[:, : max(p.rank(s) for p in plans)].half().float().contiguous(),
+                       b.eigenvalues, b.scale)
         for s, b in streams.items()
     }
     calibration = Calibration(model_id, rope.layers, kv_heads, head_dim, rope, trimmed, plans, dict(info or {}))

@@ -38,13 +38,14 @@ class CurvePoint:
 
 
 def measure(projections: torch.Tensor, sigmas: torch.Tensor, step: float, keep: float,
-            coder: DeflateCPU | None = None) -> CurvePoint:
-    """Bytes and error of one (step, keep) on held-out ``projections [tokens, full rank]``."""
+            coder: DeflateCPU | None = None, outside: float = 0.0) -> CurvePoint:
+    """Bytes and error of one (step, keep) on held-out ``projections [tokens, basis rank]``; ``outside``: the
+    tokens' summed squared distance to the basis's span (0 for a full-rank basis)."""
     coder = coder or DeflateCPU()
     tokens, available = projections.shape
     rank = min(int((sigmas > keep * step).sum()), available)
     wide = wide_count(sigmas, step, rank)
-    size, error = 0, float(projections[:, rank:].double().square().sum())
+    size, error = 0, outside + float(projections[:, rank:].double().square().sum())
     for first in range(0, tokens, CURVE_CHUNK):
         part = projections[first : first + CURVE_CHUNK, :rank]
         stream = quantize(part, step, wide)
@@ -54,14 +55,18 @@ def measure(projections: torch.Tensor, sigmas: torch.Tensor, step: float, keep: 
     return CurvePoint(step, rank, wide, size / tokens, error / tokens)
 
 
-def curve(projections: torch.Tensor, sigmas: torch.Tensor, max_bytes_per_token: float) -> list[CurvePoint]:
+def curve(projections: torch.Tensor, sigmas: torch.Tensor, max_bytes_per_token: float,
+          residual: torch.Tensor | None = None) -> list[CurvePoint]:
     """The Pareto front (bytes ascending, error descending) from one component's spread down to the step
     whose coded size passes ``max_bytes_per_token``, measured on every k-th token (at most
-    :data:`CURVE_TOKENS`, spread over all held-out contexts)."""
-    sigmas, projections = sigmas.float(), projections[:: -(-projections.shape[0] // CURVE_TOKENS)]
+    :data:`CURVE_TOKENS`, spread over all held-out contexts). ``residual``: per token, the squared distance
+    to a rank-capped basis's span."""
+    every = -(-projections.shape[0] // CURVE_TOKENS)
+    sigmas, projections = sigmas.float(), projections[::every]
+    outside = 0.0 if residual is None else float(residual[::every].sum())
     points, step, best = [], float(sigmas[0]), float("inf")
     for _ in range(MAX_OCTAVES * STEPS_PER_OCTAVE):
-        measured = [measure(projections, sigmas, step, keep) for keep in KEEP_FACTORS]
+        measured = [measure(projections, sigmas, step, keep, outside=outside) for keep in KEEP_FACTORS]
         points += measured
         least = min(p.error for p in measured)
         if min(p.bytes_per_token for p in measured) > max_bytes_per_token or least >= best:
