@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmcache_kvtc.calibrate.capture import fastest_dtype
 from lmcache_kvtc.calibrate.driver import calibrate
 from lmcache_kvtc.calibration import FORMAT_VERSION, Calibration
 from lmcache_kvtc.cli import add_calibrate_options, calibrate_options, wrote
@@ -49,7 +50,8 @@ def calibrate_named(model: str, documents: Sequence[str] | None = None, **option
     if documents is None:
         documents = default_documents()
         options.setdefault("source", DEFAULT_MIX)
-    return calibrate((model, *models.load(model)), documents, **options)
+    dtype = fastest_dtype(options.get("device", "cpu"))
+    return calibrate((model, *models.load(model, dtype=dtype)), documents, **options)
 
 
 def default_calibration_path(model: str) -> Path:

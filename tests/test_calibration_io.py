@@ -120,3 +120,16 @@ def test_a_basis_of_another_dtype_is_refused(small_calibration_path, tmp_path):
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(CalibrationError, match="fp16 or fp32"):
         Calibration.load(path)
+
+
+def test_calibration_records_how_it_was_captured_and_fitted(small_calibration):
+    info = small_calibration.info
+    assert info["capture_dtype"] in ("bfloat16", "float32") and info["fit"] == "FeatureCovariance"
+    assert set(info["stage_seconds"]) == {"capture", "fit_and_tuning"} and info["stage_seconds"]["capture"] > 0
+
+
+def test_capture_runs_in_bf16_on_a_gpu_and_in_the_faster_dtype_on_this_cpu():
+    from lmcache_kvtc.calibrate.capture import fastest_dtype
+
+    assert fastest_dtype("cuda") == torch.bfloat16  # decided without touching a GPU
+    assert fastest_dtype("cpu") in (torch.bfloat16, torch.float32)

@@ -15,6 +15,7 @@ Batch size 1 only.
 from __future__ import annotations
 
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,6 +35,25 @@ def kv_dims(config: PretrainedConfig) -> tuple[int, int, int]:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return int(cfg.num_hidden_layers), int(kv_heads), int(head_dim)
+
+
+def fastest_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype to prefill calibration text in: bf16 on a GPU; on a CPU whichever of bf16 and fp32 multiplies
+    faster here, measured (~0.1 s). bf16 is 2.2x faster than fp32 on an EPYC with AVX512-BF16; where oneDNN has no
+    bf16 instructions (AVX2, AVX512 without BF16) it is 2.4-3.8x slower. Captured KV is rounded to bf16 either way
+    (what vLLM caches), so the choice changes speed, not what is fitted."""
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16
+    x, w = torch.randn(512, 1024), torch.randn(1024, 1024)
+    seconds = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b = x.to(dtype), w.to(dtype)
+        a @ b
+        started = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        seconds[dtype] = time.perf_counter() - started
+    return min(seconds, key=seconds.get)
 
 
 def _as_batch(input_ids: torch.Tensor) -> torch.Tensor:

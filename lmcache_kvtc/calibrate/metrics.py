@@ -11,7 +11,7 @@ from .capture import cache_from_kv
 @torch.inference_mode()
 def continuation_logits(model, kv: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
     """fp32 logits ``[M, vocab]`` of ``continuation`` read on top of the cache ``kv``."""
-    cache = cache_from_kv(kv.to(model.device), model.config.get_text_config(decoder=True))
+    cache = cache_from_kv(kv.to(model.device, model.dtype), model.config.get_text_config(decoder=True))
     ids = continuation.view(1, -1).to(model.device)
     return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0].float()
 
