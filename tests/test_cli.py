@@ -15,6 +15,7 @@ import torch
 from calibration import models
 from calibration.roundtrip import format_report, run
 from lmcache_kvtc import Calibration, KVTCCodec
+from lmcache_kvtc.calibrate.driver import KEY_WEIGHT_CANDIDATES, NORMALIZATIONS
 from lmcache_kvtc.cli import key_weight, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def test_calibrate_command_writes_a_loadable_calibration_and_report(qwen05, tmp_
     calibration = Calibration.load(out)
     assert calibration.ratios == [8.0, 16.0] and calibration.info["source"] == str(text)
     tuning = calibration.info["tuning"]  # auto measured every normalization × K/V split
-    assert len(tuning) == 6
+    assert len(tuning) == len(NORMALIZATIONS) * len(KEY_WEIGHT_CANDIDATES)
     assert f"normalize={calibration.info['normalize']} key_weight={calibration.info['key_weight']}" in tuning
     assert (calibration.streams["values"].scale is None) == (calibration.info["normalize"] == "none")
     report = out.with_suffix(".report")
