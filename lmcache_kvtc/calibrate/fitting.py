@@ -33,7 +33,25 @@ def new_accumulator(features: int, max_rank: int | None = None, device: str | to
     return SketchedCovariance(features, max_rank, device)
 
 
-class FeatureCovariance:
+class _ShiftedSums:
+    """Count, first-batch shift and fp64 sum of shifted features: where both accumulators start."""
+
+    count: int
+    shift: torch.Tensor | None
+    total: torch.Tensor
+
+    def _center(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` minus the first batch's mean (fp32, on the accumulator's device), with count and sum updated."""
+        x = x.float().to(self.total.device)
+        if self.shift is None:
+            self.shift = x.mean(dim=0)
+        d = x - self.shift
+        self.total += d.sum(dim=0, dtype=torch.float64)
+        self.count += x.shape[0]
+        return d
+
+
+class FeatureCovariance(_ShiftedSums):
     """Streaming mean and covariance of feature vectors.
 
     Batches are shifted by the first batch's mean before the fp32 outer product, so large
@@ -48,13 +66,8 @@ class FeatureCovariance:
         self.outer = torch.zeros(features, features, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.float().to(self.total.device)
-        if self.shift is None:
-            self.shift = x.mean(dim=0)
-        d = x - self.shift
-        self.total += d.sum(dim=0, dtype=torch.float64)
+        d = self._center(x)
         self.outer += (d.T @ d).double()
-        self.count += x.shape[0]
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and covariance, fp64."""
@@ -106,7 +119,7 @@ class FeatureCovariance:
         )
 
 
-class SketchedCovariance:
+class SketchedCovariance(_ShiftedSums):
     """Streaming mean and the leading ``rank`` principal directions in O(p·rank) memory.
 
     Frequent Directions (Liberty 2013; Ghashami et al. 2016): a ``[2ℓ, p]`` buffer of shifted feature rows is
@@ -127,13 +140,8 @@ class SketchedCovariance:
         self.sketch = torch.zeros(2 * self.rows, features, device=device)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.float().to(self.total.device)
-        if self.shift is None:
-            self.shift = x.mean(dim=0)
-        d = x - self.shift
-        self.total += d.sum(dim=0, dtype=torch.float64)
+        d = self._center(x)
         self.squares += d.square().sum(dim=0, dtype=torch.float64)
-        self.count += x.shape[0]
         row = 0
         while row < d.shape[0]:
             take = min(self.sketch.shape[0] - self.filled, d.shape[0] - row)
