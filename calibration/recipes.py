@@ -1,4 +1,4 @@
-"""Calibrate the offline registry's models by name, on the default mix (Wikipedia + Python source) unless told.
+"""Calibrate the offline registry's models by name, on the default mix (English prose + Python source) unless told.
 
 The cached default calibration the main job, tests and benchmarks share is built here too. The driver itself is
 :func:`lmcache_kvtc.calibrate.driver.calibrate` (installed with the package); ``kvtc calibrate`` is its command
@@ -26,27 +26,45 @@ from . import models, texts
 
 log = logging.getLogger(__name__)
 
-WIKIPEDIA = "wikipedia (BIG-bench paragraph_segmentation)"
-DEFAULT_MIX = f"{WIKIPEDIA} + Python stdlib source"
+PROSE = "State of the Union addresses"
+DEFAULT_MIX = f"{PROSE} + Python stdlib source"
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 #: names the recipe of the cached default calibration: a new recipe gets a new file, never an old one misread
-DEFAULT_RECIPE = "wiki-code"
+DEFAULT_RECIPE = "sotu-code"
+
+
+#: prose is cut into pieces of about this many characters (~2K tokens), so a fit of a few ten thousand tokens
+#: samples many addresses, not a few whole ones
+PIECE_CHARS = 8000
+
+
+def prose_documents() -> list[str]:
+    """The addresses cut at sentence ends into pieces of about :data:`PIECE_CHARS` characters."""
+    pieces = []
+    for address in texts.prepare("sotu"):
+        while len(address) > PIECE_CHARS:
+            cut = address.find(". ", PIECE_CHARS) + 1 or len(address)
+            pieces.append(address[:cut].strip())
+            address = address[cut:]
+        pieces.append(address.strip())
+    return [p for p in pieces if p]
 
 
 def default_documents() -> list[str]:
-    """What the default calibration is fit on: 400 Wikipedia articles and 300 stdlib source files (seeded order).
+    """What the default calibration is fit on: 400 pieces of prose and 300 stdlib source files (seeded order).
 
-    Wikipedia alone fits prose: on Python docs and on code its basis misses what those caches hold, and at 16×
-    KL was 3–5× higher than with this mix (README, "Calibration text").
+    Prose alone fits prose: on Python docs and on code its basis misses what those caches hold, and at 16× KL was
+    3–5× higher than with this mix (README, "Calibration text").
     """
-    code = texts.python_source()
+    prose, code = prose_documents(), texts.python_source()
+    random.Random(0).shuffle(prose)
     random.Random(0).shuffle(code)
-    return texts.prepare("wikipedia_en")[:400] + code[:300]
+    return prose[:400] + code[:300]
 
 
 def calibrate_named(model: str, documents: Sequence[str] | None = None, **options) -> Calibration:
     """:func:`~lmcache_kvtc.calibrate.driver.calibrate` for a registry name (or a model directory), on
-    ``documents`` or else the default mix of Wikipedia and Python source (then ``source`` defaults to its name)."""
+    ``documents`` or else the default mix of prose and Python source (then ``source`` defaults to its name)."""
     if documents is None:
         documents = default_documents()
         options.setdefault("source", DEFAULT_MIX)
@@ -73,23 +91,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m calibration.recipes", description=__doc__.splitlines()[0])
     parser.add_argument("--default", metavar="MODEL", help="build (or find) MODEL's cached default calibration "
                         "(on the default mix; no other option applies)")
-    parser.add_argument("--wikipedia", action="store_true",
-                        help="calibrate on the bundled Wikipedia alone (the default recipe before 0.2)")
+    parser.add_argument("--prose", action="store_true",
+                        help="calibrate on the bundled prose alone (without the Python source of the default mix)")
     add_calibrate_options(parser, required=False, model_help=f"a name of the offline registry {list(models.MODELS)} "
                           "or a model directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.default:
-        if args.model or args.out or args.text or args.wikipedia or args.tp:
-            parser.error("--default takes no --model, --out, --text, --wikipedia or --tp")
+        if args.model or args.out or args.text or args.prose or args.tp:
+            parser.error("--default takes no --model, --out, --text, --prose or --tp")
         print(default_calibration(args.default))
         return 0
     if not (args.model and args.out):
         parser.error("give --model NAME --out FILE, or --default MODEL")
     options = calibrate_options(args)
     documents = None  # the default mix
-    if args.wikipedia:
-        documents, options["source"] = texts.prepare("wikipedia_en"), WIKIPEDIA
+    if args.prose:
+        documents, options["source"] = prose_documents(), PROSE
     if args.text:
         documents = [Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text]
         options["source"] = ", ".join(args.text)

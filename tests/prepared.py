@@ -29,7 +29,7 @@ def require_model(name: str) -> None:
 
 
 def text(name: str) -> list[str]:
-    """The documents of PyPI text source ``name`` (``wikipedia_en`` or ``kjv``) from the verified cache."""
+    """The documents of packaged text source ``name`` (``sotu`` or ``kjv``) from the verified cache."""
     try:
         return texts.load(name)
     except texts.TextNotPrepared as e:

@@ -74,7 +74,7 @@ def test_key_weight_option_accepts_auto_equal_or_a_positive_number():
 
 def test_calibrate_command_writes_a_loadable_calibration_and_report(qwen05, tmp_path):
     text = tmp_path / "corpus.txt"
-    text.write_text("\n\n".join(prepared.text("wikipedia_en")[:40]))
+    text.write_text("\n\n".join(prepared.text("sotu")[:40]))
     out = tmp_path / "cal.safetensors"
     directory = str(models.model_dir("qwen2.5-coder-0.5b"))
     assert main(["calibrate", "--model", directory, "--text", str(text), "--tokens", "4096",

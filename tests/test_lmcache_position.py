@@ -12,7 +12,7 @@ from lmcache_kvtc.lmcache.position import PositionEstimator
 
 @pytest.fixture(scope="module")
 def long_kv(qwen05):
-    """A real 2048-token cache of held-out text (KJV; the calibration saw Wikipedia)."""
+    """A real 2048-token cache of held-out text (KJV; the calibration saw other prose)."""
     from calibration import texts
     from lmcache_kvtc.calibrate.capture import prefill
 

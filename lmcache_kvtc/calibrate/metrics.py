@@ -29,9 +29,9 @@ def compare_logits(reference: torch.Tensor, test: torch.Tensor, continuation: to
 
 @torch.inference_mode()
 def greedy(model, kv: torch.Tensor, first: torch.Tensor, steps: int) -> list[int]:
-    """Greedy tokens after feeding ``first`` (one token id) on top of the cache ``kv``."""
+    """Greedy tokens after feeding ``first`` (one token id, or the uncached rest of a prompt) on top of ``kv``."""
     cache = cache_from_kv(kv, model.config.get_text_config(decoder=True))
-    token = first.view(1, 1).to(model.device)
+    token = first.view(1, -1).to(model.device)
     out = []
     for _ in range(steps):
         logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[0, -1]
