@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="lmcache-kvtc",
-    version="0.2.0",  # 0.2: KVTCCodec.encode(plan=) / encode_within(budget=); the codec takes no ratio
+    version="0.3.0",  # 0.3: default calibration on State of the Union prose + Python source (was Wikipedia)
     description="KV Cache Transform Coding (KVTC) as an LMCache extension",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

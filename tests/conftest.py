@@ -11,7 +11,7 @@ import torch
 from prepared import missing, require_model, text
 
 from calibration import models
-from calibration.recipes import PROSE
+from calibration.recipes import PROSE, prose_documents
 
 SMALL_MODEL = "qwen2.5-coder-0.5b"
 
@@ -54,8 +54,8 @@ def small_calibration_path(qwen05, tmp_path_factory):
     from calibration.recipes import calibrate_named
 
     path = tmp_path_factory.mktemp("calibration") / "qwen05-small.safetensors"
-    calibrate_named(SMALL_MODEL, text("sotu"), tokens=8 * 1024, context=1024, heldout_contexts=2,
-              ratios=(8, 16, 32), out=path, source=TEST_SOURCE, key_weight=16.0, normalize="none")
+    calibrate_named(SMALL_MODEL, prose_documents(text("sotu")), tokens=8 * 1024, context=1024, heldout_contexts=2,
+                    ratios=(8, 16, 32), out=path, source=TEST_SOURCE, key_weight=16.0, normalize="none")
     return path
 
 
@@ -66,9 +66,9 @@ def small_tp_calibration(qwen05, tmp_path_factory):
     from calibration.recipes import calibrate_named
 
     directory = tmp_path_factory.mktemp("tp")
-    whole = calibrate_named(SMALL_MODEL, text("sotu"), tokens=8 * 1024, context=1024, heldout_contexts=2,
-                            ratios=(8, 16, 32), out=directory, source=TEST_SOURCE, key_weight=16.0,
-                            normalize="none", tp_sizes=(1, 2, 4))
+    whole = calibrate_named(SMALL_MODEL, prose_documents(text("sotu")), tokens=8 * 1024, context=1024,
+                            heldout_contexts=2, ratios=(8, 16, 32), out=directory, source=TEST_SOURCE,
+                            key_weight=16.0, normalize="none", tp_sizes=(1, 2, 4))
     return directory, whole
 
 
@@ -79,7 +79,7 @@ def gemma_calibration_path(gemma, tmp_path_factory):
     from calibration.recipes import calibrate_named
 
     path = tmp_path_factory.mktemp("calibration") / "gemma-small.safetensors"
-    calibrate_named("gemma-3-270m", text("sotu"), tokens=8 * 1024, context=1024, heldout_contexts=2,
+    calibrate_named("gemma-3-270m", prose_documents(text("sotu")), tokens=8 * 1024, context=1024, heldout_contexts=2,
                     ratios=(8, 16, 32), out=path, source=TEST_SOURCE, key_weight=16.0, normalize="layer")
     return path
 
