@@ -34,7 +34,7 @@ from lmcache_kvtc.calibrate.metrics import compare_logits, continuation_logits, 
 from lmcache_kvtc.lmcache.fp8 import Fp8Cache
 from lmcache_kvtc.lmcache.position import PositionEstimator
 
-from . import retrieval
+from . import report_files, retrieval
 from .baselines import KIVI, Baseline, turboquant_baselines
 
 MODEL = "qwen2.5-coder-0.5b"
@@ -324,17 +324,9 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write(report: dict, out: Path | None) -> None:
-    """``out``.json, .md and .png (names like "…-0.5b-…" have no suffix to replace: append)."""
-    if out is None:
-        return
-    paths = {ext: out.parent / f"{out.name}.{ext}" for ext in ("json", "md", "png")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths["json"].write_text(json.dumps(report, indent=1))
-    paths["md"].write_text(f"# {report['model']} through LMCache 0.5.6\n\n`{report['command']}`\n\n"
-                           f"{markdown(report)}\n" + (f"![KL and ΔNLL vs stored ratio]({paths['png'].name})\n"
-                                                      if report["summary"] else ""))
-    if report["summary"]:  # a retrieval-only run (--contexts 0) has no curve to draw
-        plot(report, paths["png"])
+    report_files.write(out, report, f"{report['model']} through LMCache 0.5.6", markdown(report),
+                       plot if report["summary"] else None,  # a retrieval-only run (--contexts 0) has no curve
+                       "KL and ΔNLL vs stored ratio")
 
 
 def main(argv=None) -> None:

@@ -17,6 +17,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from calibration.recipes import default_calibration
 from lmcache_kvtc.calibrate.capture import kv_dims, prefill
 from lmcache_kvtc.calibrate.metrics import greedy
 
-from . import tasks
+from . import report_files, tasks
 from .lmcache_report import CHUNK, MODEL, PathMethod, path_methods
 from .machine import cpu_name
 
@@ -46,16 +47,32 @@ def run(model, tokenizer, prompts: list[tasks.TaskPrompt], methods: list[PathMet
     rows = []
     for i, prompt in enumerate(prompts):
         kv, _ = prefill(model, prompt.cached, logits_to_keep=1)
-        raw = kv[:, :, : CHUNK].numel() * kv.element_size()
+        raw = kv[:, :, :CHUNK].numel() * kv.element_size()
         for method in methods:
             restored, stats = method.restore(kv)
-            output = tokenizer.decode(greedy(model, restored, prompt.rest, prompt.new_tokens))
+            tokens = greedy(model, restored, prompt.rest, prompt.new_tokens, answered(prompt, tokenizer))
+            output = tokenizer.decode(tokens)
             stored = stats.get("stored_bytes_per_chunk") or raw
             rows.append({"task": prompt.task, "prompt": i, "depth": prompt.depth, "method": method.name,
                          "kind": method.kind, "ratio_target": method.ratio_target, "stored_ratio": raw / stored,
                          "score": prompt.score(output), "output": output[:120]})
             log(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def answered(prompt: tasks.TaskPrompt, tokenizer) -> Callable[[list[int]], bool]:
+    """Generation may stop once more tokens cannot change the score: the model ended its answer, every expected
+    string is there, or (a choice) its first word is complete."""
+
+    def done(ids: list[int]) -> bool:
+        if ids[-1] == tokenizer.eos_token_id:
+            return True
+        text = tokenizer.decode(ids)
+        if prompt.choice:
+            return bool(text.strip()) and (len(text.split()) > 1 or text[-1].isspace())
+        return prompt.score(text) == 1.0
+
+    return done
 
 
 def _interval(values: list[float]) -> float:
@@ -160,14 +177,8 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write(report: dict, out: Path | None) -> None:
-    if out is None:
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out.parent / f"{out.name}.{ext}" for ext in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(report, indent=1))
-    paths["md"].write_text(f"# Task suite through LMCache 0.5.6\n\n`{report['command']}`\n\n{markdown(report)}\n\n"
-                           f"![score vs stored ratio]({paths['png'].name})\n")
-    plot(report, paths["png"])
+    report_files.write(out, report, "Task suite through LMCache 0.5.6", markdown(report), plot,
+                       "score vs stored ratio")
 
 
 def main(argv=None) -> None:

@@ -72,6 +72,17 @@ def test_scores_give_partial_credit_for_lists_and_none_for_a_wrong_choice():
     assert pick.score(" apple\n\nQuestion") == 1.0 and pick.score(" taxi apple") == 0.0 and pick.score("") == 0.0
 
 
+def test_generation_stops_once_more_tokens_cannot_change_the_score(tokenizer):
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    needle = tasks.TaskPrompt("multi-value-needle", torch.zeros(1), torch.zeros(1), ("1234567", "7654321"), 40)
+    done = task_suite.answered(needle, tokenizer)
+    assert not done(encode(": 1234567, 76543")) and done(encode(": 1234567, 7654321"))
+    assert done(encode(": 99") + [tokenizer.eos_token_id])
+    choice = task_suite.answered(tasks.TaskPrompt("many-shot-choice", torch.zeros(1), torch.zeros(1), ("pear",), 4,
+                                                  choice=True), tokenizer)
+    assert not choice(encode(" ")) and not choice(encode(" pe")) and choice(encode(" pear\n"))
+
+
 def test_summary_pairs_each_method_with_bf16_and_counts_only_tasks_bf16_can_do():
     rows = []
     for prompt, (good, kvtc_score, mc) in enumerate([(1.0, 1.0, 0.0), (1.0, 0.0, 1.0), (0.0, 0.0, 0.0)]):

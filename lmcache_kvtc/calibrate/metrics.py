@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -28,12 +30,14 @@ def compare_logits(reference: torch.Tensor, test: torch.Tensor, continuation: to
 
 
 @torch.inference_mode()
-def greedy(model, kv: torch.Tensor, first: torch.Tensor, steps: int) -> list[int]:
-    """Greedy tokens after feeding ``first`` (one token id, or the uncached rest of a prompt) on top of ``kv``."""
+def greedy(model, kv: torch.Tensor, first: torch.Tensor, steps: int,
+           done: Callable[[list[int]], bool] | None = None) -> list[int]:
+    """Up to ``steps`` greedy tokens after feeding ``first`` (one token id, or the uncached rest of a prompt) on
+    top of ``kv``; fewer once ``done(tokens so far)`` says the answer is complete."""
     cache = cache_from_kv(kv, model.config.get_text_config(decoder=True))
     token = first.view(1, -1).to(model.device)
-    out = []
-    for _ in range(steps):
+    out: list[int] = []
+    while len(out) < steps and not (done and out and done(out)):
         logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[0, -1]
         token = logits.argmax().view(1, 1)
         out.append(int(token))
