@@ -25,7 +25,7 @@ import torch
 from calibration import models, texts
 from calibration.recipes import default_calibration
 from lmcache_kvtc.calibrate.capture import kv_dims, prefill
-from lmcache_kvtc.calibrate.metrics import greedy
+from lmcache_kvtc.calibrate.metrics import continuation_logits, greedy
 
 from . import report_files, tasks
 from .lmcache_report import CHUNK, MODEL, PathMethod, path_methods
@@ -50,14 +50,24 @@ def run(model, tokenizer, prompts: list[tasks.TaskPrompt], methods: list[PathMet
         raw = kv[:, :, :CHUNK].numel() * kv.element_size()
         for method in methods:
             restored, stats = method.restore(kv)
-            tokens = greedy(model, restored, prompt.rest, prompt.new_tokens, answered(prompt, tokenizer))
-            output = tokenizer.decode(tokens)
+            if prompt.target is not None:
+                score, output = forced_match(model, restored, prompt.rest, prompt.target), None
+            else:
+                tokens = greedy(model, restored, prompt.rest, prompt.new_tokens, answered(prompt, tokenizer))
+                output = tokenizer.decode(tokens)
+                score = prompt.score(output)
             stored = stats.get("stored_bytes_per_chunk") or raw
             rows.append({"task": prompt.task, "prompt": i, "depth": prompt.depth, "method": method.name,
                          "kind": method.kind, "ratio_target": method.ratio_target, "stored_ratio": raw / stored,
-                         "score": prompt.score(output), "output": output[:120]})
+                         "score": score, "output": output and output[:120]})
             log(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def forced_match(model, kv: torch.Tensor, rest: torch.Tensor, target: torch.Tensor) -> float:
+    """1.0 if greedy decoding after ``rest`` on ``kv`` starts with ``target``, read in one teacher-forced pass."""
+    logits = continuation_logits(model, kv, torch.cat((rest, target[:-1])))
+    return float(torch.equal(logits[rest.numel() - 1 :].argmax(-1).cpu(), target))
 
 
 def answered(prompt: tasks.TaskPrompt, tokenizer) -> Callable[[list[int]], bool]:

@@ -68,6 +68,9 @@ class TaskPrompt:
     new_tokens: int
     depth: float | None = None  # where the asked item sits in the cached part, as a fraction
     choice: bool = False  # answered by naming one choice: the answer's first word must be ``answers[0]``
+    #: the answer's ids where it has one form: greedy decoding starts with it iff every teacher-forced argmax
+    #: matches it, so one forward pass scores the prompt (1 or 0) instead of a token-by-token generation
+    target: torch.Tensor | None = None
 
     def score(self, output: str) -> float:
         """Scored as the benchmark scores it: 1 if the choice is named first, else the share of the expected
@@ -116,11 +119,12 @@ class _Prompts:
         return ids + text[done:]
 
     def prompt(self, task: str, cached: list[int], rest: list[int], answers: Sequence[str], new_tokens: int,
-               depth: float | None = None, choice: bool = False) -> TaskPrompt:
+               depth: float | None = None, choice: bool = False, target: str | None = None) -> TaskPrompt:
         if len(cached) != self.context or not rest:
             raise ValueError(f"{task}: {len(cached)} cached ids (want {self.context}) and {len(rest)} more")
         as_tensor = lambda ids: torch.tensor(ids, dtype=torch.long)  # noqa: E731
-        return TaskPrompt(task, as_tensor(cached), as_tensor(rest), tuple(answers), new_tokens, depth, choice)
+        return TaskPrompt(task, as_tensor(cached), as_tensor(rest), tuple(answers), new_tokens, depth, choice,
+                          None if target is None else as_tensor(self.encode(target)))
 
 
 def _uuid(rng: random.Random) -> str:
@@ -142,7 +146,8 @@ def kv_retrieval(tokenizer, context: int, n: int, depths: Sequence[float] = DEPT
         inside = sum(end <= context for end in ends)
         key, value = pairs[round(depth * (inside - 1))]
         ids += p.encode(KV_QUESTION.format(key=key))
-        out.append(p.prompt("kv-retrieval", ids[:context], ids[context:], [value], len(p.encode(value)) + 2, depth))
+        out.append(p.prompt("kv-retrieval", ids[:context], ids[context:], [value], len(p.encode(value)) + 2, depth,
+                            target=value))
     return out
 
 
@@ -199,7 +204,8 @@ def many_shot_choice(tokenizer, context: int, n: int, seed: int = 0) -> list[Tas
             ids += p.encode(f"{text} {answer}\n\n")
         text, answer = next(questions)
         ids += p.encode(text)
-        out.append(p.prompt("many-shot-choice", ids[:context], ids[context:], [answer], 4, choice=True))
+        out.append(p.prompt("many-shot-choice", ids[:context], ids[context:], [answer], 4, choice=True,
+                            target=f" {answer}"))
     return out
 
 

@@ -72,6 +72,16 @@ def test_scores_give_partial_credit_for_lists_and_none_for_a_wrong_choice():
     assert pick.score(" apple\n\nQuestion") == 1.0 and pick.score(" taxi apple") == 0.0 and pick.score("") == 0.0
 
 
+def test_one_forced_pass_scores_what_greedy_generation_would(qwen05):
+    model, tokenizer = qwen05
+    prompt = tasks.kv_retrieval(tokenizer, 256, 1)[0]
+    kv, _ = task_suite.prefill(model, prompt.cached, logits_to_keep=1)
+    generated = task_suite.greedy(model, kv, prompt.rest, prompt.target.numel())
+    agrees = task_suite.forced_match(model, kv, prompt.rest, prompt.target)
+    assert agrees == float(generated == prompt.target.tolist())
+    assert task_suite.forced_match(model, kv, prompt.rest, torch.tensor(generated)) == 1.0
+
+
 def test_generation_stops_once_more_tokens_cannot_change_the_score(tokenizer):
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     needle = tasks.TaskPrompt("multi-value-needle", torch.zeros(1), torch.zeros(1), ("1234567", "7654321"), 40)
