@@ -138,12 +138,13 @@ def markdown(report: dict) -> str:
     best = largest_within(summary)
     lines = [f"Model {report['model']}, calibration `{report['calibration']}`; {report['context']}-token cached part "
              f"per prompt ({report['context'] // CHUNK} LMCache chunks), the question read on the restored "
-             f"cache; {report['prompts']} prompts per task; CPU: {report['cpu']}. Score (95 % interval); Δ: paired "
+             f"cache; n prompts per task; CPU: {report['cpu']}. Score (95 % interval); Δ: paired "
              "difference to bf16 on the same prompts (95 % interval).", "",
              f"- tasks where bf16 is well above chance (counted): {', '.join(counted) or 'none'}",
              "- largest kvtc `ratio` within 1 point of bf16 on every counted task (point estimate): "
              + (f"{best['ratio']:g} (stored {best['stored_ratio']:.1f}×)" if best else "none"), "",
-             "| method | stored | " + " | ".join(task_names) + " |", "|---|---|" + "---|" * len(task_names)]
+             "| method | stored | " + " | ".join(f"{t} (n={cell[('bf16', t)]['prompts']})" for t in task_names) + " |",
+             "|---|---|" + "---|" * len(task_names)]
     for method in methods:
         ratio = statistics.mean(cell[(method, t)]["stored_ratio"] for t in task_names if (method, t) in cell)
         parts = []
@@ -202,6 +203,9 @@ def main(argv=None) -> None:
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                         help="KIVI and turboquant in-process beside LMCache's fp8 (default: on)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of OUT.json (same model, calibration, context and seed) and run only the "
+                             "tasks it lacks")
     parser.add_argument("--out", type=Path, help="output prefix: writes .json, .md and .png")
     args = parser.parse_args(argv)
     if args.context % CHUNK:
@@ -213,10 +217,17 @@ def main(argv=None) -> None:
                                             standalone=False, baselines=args.baselines)]
     docs = texts.kjv()
     report = {"model": args.model, "calibration": str(calibration_path), "context": args.context,
-              "prompts": args.prompts, "tasks": args.tasks, "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"),
+              "seed": args.seed, "prompts": args.prompts, "tasks": args.tasks, "cpu": cpu_name(),
+              "date": time.strftime("%Y-%m-%d"),
               "command": "python -m benchmarks.task_suite " + " ".join(sys.argv[1:] if argv is None else argv),
               "rows": []}
-    for task in args.tasks:
+    previous = args.out.parent / f"{args.out.name}.json" if args.out else None
+    if args.resume and previous and previous.exists():
+        old = json.loads(previous.read_text())
+        if any(old.get(k) != report[k] for k in ("model", "calibration", "context", "seed")):
+            parser.error(f"{previous} was made with another model, calibration, context or seed")
+        report["rows"] = [r for r in old["rows"] if r["task"] in args.tasks]
+    for task in (t for t in args.tasks if t not in {r["task"] for r in report["rows"]}):
         prompts = tasks.SUITE[task](tokenizer, docs, args.context, args.prompts, args.seed)
         report["rows"] += run(model, tokenizer, prompts, methods)
         report["summary"] = summarize(report["rows"])
