@@ -56,7 +56,8 @@ def _build(reference: Calibration, ratios: Sequence[float]) -> dict[str, Calibra
     if not str(info.get("source", "")).startswith(PROSE):
         raise ValueError(f"ablations refit on {PROSE}; {reference.model_id} was calibrated on {info.get('source')!r}")
     model, key_weight, context = info["model"], info.get("key_weight"), info["context_tokens"]
-    lm, tokenizer = models.load(model)
+    # the reference's capture dtype (the fastest on the machine that built it): its KV, to the last bit
+    lm, tokenizer = models.load(model, dtype=getattr(torch, info.get("capture_dtype", "bfloat16")))
     layers = kv_dims(lm.config)[0]
     rope = rope_table_from_hf_config(lm.config.get_text_config(decoder=True))
     fit_ids, heldout_ids = split_contexts(tokenizer, prose_documents(), info["contexts"] * context, context,
