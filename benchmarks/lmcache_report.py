@@ -39,9 +39,11 @@ from .baselines import KIVI, Baseline, turboquant_baselines
 
 MODEL = "qwen2.5-coder-0.5b"
 CHUNK = tiers.CHUNK_TOKENS
-#: evaluation sources, none of them the calibration's: documentation, scripture (prose), and held-out code whose
-#: continuations copy identifiers and spans of the prefix
-SOURCES = {"python-docs": texts.python_docs, "kjv": texts.kjv, "transformers-code": texts.library_source}
+#: evaluation sources, none of them the calibration's: documentation, scripture (prose), held-out code whose
+#: continuations copy identifiers and spans of the prefix, and mailing-list archives (the most copy-heavy: headers
+#: and footers repeat in every message, replies quote earlier ones)
+SOURCES = {"python-docs": texts.python_docs, "kjv": texts.kjv, "transformers-code": texts.library_source,
+           "mail": texts.mail}
 #: vLLM's fp8 cache as CUDA writes it (scale 1, round to nearest even, saturating), simulated with torch's cast
 FP8_OPTION = "fp8"
 #: the kinds of rows that are kvtc through LMCache, and how the report names them

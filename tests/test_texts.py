@@ -42,6 +42,26 @@ def test_a_damaged_text_cache_is_refused_with_the_command_that_fixes_it(tmp_path
         texts.kjv()
 
 
+def test_mailboxes_keep_each_lists_messages_whole_in_order_and_drop_messages_of_no_list(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(texts, "MAILBOX_CHARS", 500)
+    list_of = {i: "b.example" if i % 3 == 0 else "a.example" for i in range(400)}
+    messages = {f"package/data/easy-ham-{1 + i % 2}/{i:05d}.json": json.dumps(
+        {"text": f"From: x\nList-Id: Talk <{list_of[i]}>\n\n" + f"body {i} " * 20}).encode() for i in range(400)}
+    messages["package/data/easy-ham-1/99999.json"] = json.dumps({"text": "From: y\n\nno list " * 30}).encode()
+    messages["package/data/spam-1/00001.json"] = json.dumps({"text": "List-Id: <a.example>\n\nspam"}).encode()
+    archive = tmp_path / "corpus.tgz"
+    archive.write_bytes(_sdist(messages))
+
+    pieces = [p.split("\n\nFrom: ") for p in texts._mailboxes(archive)]
+    numbers = [[int(m.rsplit("body ", 2)[1]) for m in piece] for piece in pieces]
+    assert all(len({list_of[i] for i in piece}) == 1 for piece in numbers)  # one list per piece
+    in_corpus_order = sorted(range(400), key=lambda i: (list_of[i], f"{1 + i % 2}/{i:05d}"))
+    assert [i for piece in numbers for i in piece] == in_corpus_order  # lists by name; no spam, none without a list
+    sizes = [len("\n\nFrom: ".join(piece)) for piece in pieces]
+    last_of_list = [list_of[a[0]] != list_of[b[0]] for a, b in zip(numbers, numbers[1:], strict=False)] + [True]
+    assert all(size >= 500 for size, last in zip(sizes, last_of_list, strict=True) if not last)  # cut once past it
+
+
 # ---------------------------------------------------------------------------- a package index on loopback
 
 
