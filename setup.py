@@ -17,6 +17,8 @@ setup(
         "lmcache": ["lmcache==0.5.6", "redis", "cryptography"],  # 0.5.6 pinned: its serde/L2/plugin APIs move
         "calibrate": ["transformers>=5.0", "tqdm", "matplotlib"],  # lmcache_kvtc.calibrate
         "gpu": ["nvidia-nvcomp-cu12==6.0.0.12"],
+        # LMCache's `valkey` L2 adapter (Valkey / Redis Cluster); the plain `valkey-glide` is async-only
+        "valkey": ["valkey-glide-sync==2.6.0"],
         "test": ["pytest", "ruff", "gguf", "accelerate"],  # + the checkout's offline models (GGUF parts)
     },
     entry_points={"console_scripts": ["kvtc=lmcache_kvtc.cli:main",

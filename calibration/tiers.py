@@ -47,13 +47,18 @@ class StoreListener(L2AdapterListener):
 
 
 def storage_manager(adapters: list[dict[str, Any]], l1_size_gb: float = 0.5,
-                    observer: Observer | None = None) -> StorageManager:
+                    observer: Observer | None = None, shm_name: str | None = None) -> StorageManager:
     """A CPU StorageManager built from ``--l2-adapter`` JSON specs by LMCache's own parser; ``observer`` is handed
-    to every kvtc serde through the parsed config (see ``make_serde``)."""
+    to every kvtc serde through the parsed config (see ``make_serde``). ``shm_name`` names L1's shared-memory
+    segment (``""``: none); LMCache's default is one per process, so a second live StorageManager in the same
+    process needs another (with the default both use one segment name, and closing the second fails)."""
     args = ["--l1-size-gb", str(l1_size_gb), "--eviction-policy", "LRU", "--no-l1-use-lazy"]
     for spec in adapters:
         args += ["--l2-adapter", json.dumps(spec)]
     config = parse_args_to_config(get_arg_parser().parse_args(args))
+    if shm_name is not None:
+        for l1 in config.l1_manager_configs:
+            l1.memory_config.shm_name = shm_name
     if observer is not None:
         for adapter in config.l2_adapter_config.adapters:
             if adapter.serde_config is not None and adapter.serde_config.type == SERDE_TYPE:

@@ -119,18 +119,23 @@ def rng():
 # -- LMCache integration: a real redis-server on loopback, started and stopped by the tests --------------
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class RedisServer:
     """A throwaway ``redis-server`` on 127.0.0.1 that tests can stop, kill and restart; with ``persist`` it
     keeps every write in an append-only file (fsync'd per write) in ``workdir``, so a restart has its old data."""
 
-    def __init__(self, workdir):
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+    def __init__(self, workdir, extra_args: tuple[str, ...] = ()):
+        self.port = free_port()
         self.host = "127.0.0.1"
         self.workdir = workdir
+        self.extra_args = tuple(extra_args)  # more redis-server options, on every (re)start
         self.process = None
 
     def start(self, persist: bool = False) -> None:
@@ -141,7 +146,8 @@ class RedisServer:
 
         self.process = subprocess.Popen(
             ["redis-server", "--bind", self.host, "--port", str(self.port), "--save", "",
-             "--appendonly", "yes" if persist else "no", "--appendfsync", "always", "--dir", str(self.workdir)],
+             "--appendonly", "yes" if persist else "no", "--appendfsync", "always", "--dir", str(self.workdir),
+             *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(host=self.host, port=self.port)
@@ -177,3 +183,110 @@ def redis_server(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+class RedisCluster:
+    """A throwaway Redis Cluster of ``masters`` masters (no replicas) on 127.0.0.1, every node a
+    :class:`RedisServer` in its own directory with its own cluster config file, so a killed master restarted on
+    its port rejoins with its slots (and none of its data: nothing is persisted). ``node_timeout_ms`` is the
+    cluster's failure detection time (short, so a test sees ``cluster_state:fail`` quickly)."""
+
+    def __init__(self, workdir, masters: int = 3, node_timeout_ms: int = 1000):
+        self.nodes = []
+        for i in range(masters):
+            directory = workdir / f"node{i}"
+            directory.mkdir()
+            # the bus port is given, not port + 10000, which can be past 65535 for a free high port
+            args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", str(node_timeout_ms), "--cluster-port", str(free_port()))
+            self.nodes.append(RedisServer(directory, extra_args=args))
+
+    @property
+    def startup_nodes(self) -> str:
+        """The ``valkey`` adapter's ``startup_nodes``: every master, ``host:port,...``."""
+        return ",".join(f"{n.host}:{n.port}" for n in self.nodes)
+
+    def start(self) -> None:
+        import subprocess
+
+        for node in self.nodes:
+            node.start()
+        create = subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"{n.host}:{n.port}" for n in self.nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60,
+        )
+        if create.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {create.stdout}{create.stderr}")
+        self.wait_state("ok")
+
+    def client(self, i: int):
+        import redis
+
+        node = self.nodes[i]
+        return redis.Redis(host=node.host, port=node.port, socket_timeout=2, socket_connect_timeout=2)
+
+    def state(self, i: int) -> str | None:
+        """``cluster_state`` as node ``i`` sees it (None: not answering)."""
+        import redis
+
+        try:
+            return self.client(i).cluster("info")["cluster_state"]
+        except (redis.RedisError, OSError):
+            return None
+
+    def wait_state(self, state: str, timeout: float = 30.0) -> None:
+        """Until every running node reports ``cluster_state:<state>`` (and knows every master, for ``ok``)."""
+        import time
+
+        running = [i for i, n in enumerate(self.nodes) if n.process is not None]
+        deadline = time.monotonic() + timeout
+        while True:
+            if all(self.state(i) == state for i in running) and (state != "ok" or all(
+                    len(self.client(i).cluster("slots")) == len(self.nodes) for i in running)):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster did not reach cluster_state:{state} in {timeout}s: "
+                                   f"{[self.state(i) for i in running]}")
+            time.sleep(0.1)
+
+    def master_of(self, key: str | bytes) -> int:
+        """The index of the node that serves ``key``'s slot."""
+        from redis.cluster import key_slot
+
+        slot = key_slot(key.encode() if isinstance(key, str) else key)
+        for start, end, (_, port, *_), *_ in self.client(0).cluster("slots"):
+            if start <= slot <= end:
+                return next(i for i, n in enumerate(self.nodes) if n.port == port)
+        raise LookupError(f"slot {slot} is not served")
+
+    def dbsizes(self) -> list[int]:
+        return [self.client(i).dbsize() for i in range(len(self.nodes))]
+
+    def kill(self, i: int) -> None:
+        self.nodes[i].kill()
+
+    def restart(self, i: int) -> None:
+        """Node ``i`` again on its port, with its cluster config file: it rejoins with its slots, empty."""
+        self.nodes[i].start()
+        self.wait_state("ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """A started 3-master :class:`RedisCluster`; needs redis-server and redis-cli (Redis >= 7: ``cluster-port``)."""
+    import shutil
+
+    for tool in ("redis-server", "redis-cli"):
+        if shutil.which(tool) is None:
+            missing(f"{tool} is not installed (apt-get install -y redis-server)")
+    cluster = RedisCluster(tmp_path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

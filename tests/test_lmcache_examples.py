@@ -55,11 +55,18 @@ def check_kvtc_adapters(config) -> list:
     return adapters
 
 
-@pytest.mark.parametrize("name", ["lmcache_server_fs.sh", "lmcache_server_resp.sh", "lmcache_server_vllm_cpu.sh"])
+@pytest.mark.parametrize("name", ["lmcache_server_fs.sh", "lmcache_server_resp.sh", "lmcache_server_vllm_cpu.sh",
+                                  "lmcache_server_valkey_cluster.sh"])
 def test_server_command_lines_parse(name):
     config = server_config(script_argv(EXAMPLES / name))
     (adapter,) = check_kvtc_adapters(config)
     assert config.l1_manager_configs or config.l1_manager_config
+
+
+def test_valkey_example_is_a_cluster_behind_the_loader():
+    (adapter,) = check_kvtc_adapters(server_config(script_argv(EXAMPLES / "lmcache_server_valkey_cluster.sh")))
+    inner = inner_config(adapter.adapter_params)  # LMCache's ValkeyL2AdapterConfig (no connection made)
+    assert type(inner).__name__ == "ValkeyL2AdapterConfig" and inner.cluster_mode and len(inner.startup_nodes) == 3
 
 
 def test_vllm_mp_connector_without_autostart():
@@ -96,6 +103,7 @@ def test_classic_yaml_and_vllm_connector_v1():
 
 def test_every_example_is_covered():
     covered = {"lmcache_server_fs.sh", "lmcache_server_resp.sh", "lmcache_server_vllm_cpu.sh",
+               "lmcache_server_valkey_cluster.sh",
                "vllm_mp_connector.json", "vllm_mp_autostart.json",
                "lmcache_classic.yaml", "vllm_connector_v1.json", "README.md"}
     mine = {p.name for p in EXAMPLES.iterdir() if p.suffix in {".sh", ".json", ".yaml"}}

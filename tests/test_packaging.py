@@ -27,6 +27,7 @@ def test_the_wheel_holds_only_the_lmcache_kvtc_package_with_license_and_extras(t
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     assert not [r for r in requires if "extra ==" not in r and r.split()[1].startswith(("lmcache", "redis"))]
     assert any(r.startswith("Requires-Dist: lmcache==0.5.6") and 'extra == "lmcache"' in r for r in requires)
+    assert any(r.startswith("Requires-Dist: valkey-glide-sync==2.6.0") and 'extra == "valkey"' in r for r in requires)
 
 
 def test_the_codec_imports_and_decodes_without_lmcache_or_transformers_installed():

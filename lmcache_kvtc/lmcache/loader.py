@@ -50,19 +50,28 @@ def inner_config(params: dict[str, Any]) -> L2AdapterConfigBase:
     return config
 
 
-def redis_probe(inner: dict[str, Any]) -> Callable[[], bool]:
-    """A PING through redis-py with short timeouts (the native client cannot tell us)."""
+def redis_probe(config: L2AdapterConfigBase) -> Callable[[], bool]:
+    """A health probe through redis-py with short timeouts (the native client cannot tell us): a PING to
+    ``resp``'s ``host:port`` or a standalone ``valkey``'s first startup node; for a ``valkey`` cluster, the first
+    startup node that answers must report ``cluster_state:ok`` (a cluster missing a master serves nothing)."""
     import redis
 
-    client = redis.Redis(host=inner.get("host") or "127.0.0.1", port=int(inner.get("port") or 6379),
-                         username=inner.get("username") or None, password=inner.get("password") or None,
-                         socket_timeout=0.5, socket_connect_timeout=0.5)
+    nodes = list(getattr(config, "startup_nodes", None) or [(config.host, config.port)])
+    cluster = bool(getattr(config, "cluster_mode", False))
+    clients = [redis.Redis(host=host, port=port, username=config.username or None, password=config.password or None,
+                           ssl=bool(getattr(config, "tls_enable", False)), socket_timeout=0.5,
+                           socket_connect_timeout=0.5)
+               for host, port in (nodes if cluster else nodes[:1])]
 
     def probe() -> bool:
-        try:
-            return bool(client.ping())
-        except (redis.RedisError, OSError):
-            return False
+        for client in clients:
+            try:
+                if not cluster:
+                    return bool(client.ping())
+                return client.cluster("info").get("cluster_state") == "ok"
+            except (redis.RedisError, OSError):
+                continue  # this seed is down: ask the next
+        return False
 
     return probe
 
@@ -75,6 +84,6 @@ class KVTCLoaderAdapter(ReconnectingAdapter):
         inner = params["inner"]
         network = inner["type"] in _NETWORK_TYPES
         retry = float(params.get("reconnect_seconds", 2.0 if network else 0.0))
-        probe = redis_probe(inner) if network and retry > 0 else None
+        probe = redis_probe(config) if network and retry > 0 else None
         super().__init__(lambda: create_l2_adapter(config, l1_memory_desc), probe=probe, retry_seconds=retry,
                          name=inner["type"])
