@@ -27,6 +27,7 @@ import torch
 from lmcache_kvtc import Calibration, KVTCCodec
 from lmcache_kvtc.calibrate.capture import prefill
 from lmcache_kvtc.calibrate.metrics import compare_logits, continuation_logits, greedy, relative_error
+from lmcache_kvtc.defaults import RATIO
 from lmcache_kvtc.inspect import describe
 
 from . import models, texts
@@ -36,7 +37,7 @@ from .recipes import DEFAULT_MODEL, default_calibration
 def run(
     model: str = DEFAULT_MODEL,
     calibration: str | Path | None = None,
-    ratio: float = 16,
+    ratio: float = RATIO,
     context: int = 2048,
     continuation: int = 256,
     generate: int = 40,
@@ -165,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m calibration.roundtrip", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"one of {list(models.MODELS)} or a model directory")
     parser.add_argument("--calibration", help="calibration file (default: built on first use and cached)")
-    parser.add_argument("--ratio", type=float, default=16,
+    parser.add_argument("--ratio", type=float, default=RATIO,
                         help="the plan of the blob file, and the LMCache serde's byte budget (1/ratio of bf16)")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--blob", default="out/roundtrip.kvtc")

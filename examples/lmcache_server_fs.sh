@@ -5,4 +5,4 @@ kvtc-lmcache-server \
   --host 127.0.0.1 --port 5555 \
   --l1-size-gb 20 --eviction-policy LRU \
   --l2-adapter '{"type": "fs", "base_path": "/var/lib/lmcache/l2",
-                 "serde": {"type": "kvtc", "calibration": "/opt/kvtc/calibrations", "ratio": 16, "max_workers": 2}}'
+                 "serde": {"type": "kvtc", "calibration": "/opt/kvtc/calibrations", "ratio": 12, "max_workers": 2}}'

@@ -7,4 +7,4 @@ lmcache server \
   --l2-adapter '{"type": "plugin", "module_path": "lmcache_kvtc.lmcache.loader", "class_name": "KVTCLoaderAdapter",
                  "adapter_params": {"inner": {"type": "resp", "host": "127.0.0.1", "port": 6379},
                                     "reconnect_seconds": 2.0},
-                 "serde": {"type": "kvtc", "calibration": "/opt/kvtc/calibrations", "ratio": 16, "max_workers": 2}}'
+                 "serde": {"type": "kvtc", "calibration": "/opt/kvtc/calibrations", "ratio": 12, "max_workers": 2}}'

@@ -12,4 +12,4 @@ lmcache server \
                                               "startup_nodes": "10.0.0.11:6379,10.0.0.12:6379,10.0.0.13:6379",
                                               "num_workers": 8, "request_timeout": 2.0},
                                     "reconnect_seconds": 2.0},
-                 "serde": {"type": "kvtc", "calibration": "/opt/kvtc/calibrations", "ratio": 16, "max_workers": 2}}'
+                 "serde": {"type": "kvtc", "calibration": "/opt/kvtc/calibrations", "ratio": 12, "max_workers": 2}}'

@@ -11,5 +11,5 @@ kvtc-lmcache-server \
   --l1-size-gb 4 --eviction-policy LRU \
   --supported-transfer-mode auto --l2-store-policy skip_l1 --disable-metrics \
   --l2-adapter '{"type": "fs", "base_path": "/var/lib/lmcache/l2",
-                 "serde": {"type": "kvtc", "calibration": "/opt/kvtc/calibrations", "ratio": 16,
+                 "serde": {"type": "kvtc", "calibration": "/opt/kvtc/calibrations", "ratio": 12,
                            "layout": "vllm-cpu", "block_size": 128, "max_workers": 2}}'

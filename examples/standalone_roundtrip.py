@@ -1,6 +1,6 @@
 """Standalone blob round trip with the public API: real KV cache -> blob file -> KV cache.
 
-    .venv/bin/python -m examples.standalone_roundtrip [--ratio 16] [--calibration FILE]   # from the checkout
+    .venv/bin/python -m examples.standalone_roundtrip [--ratio 12] [--calibration FILE]   # from the checkout
 
 Uses the offline Qwen2.5-Coder-0.5B and its default calibration (built on first use).
 `python -m calibration.roundtrip` (the main job) is the same with a full quality report.
@@ -15,9 +15,10 @@ from calibration import models, texts
 from calibration.recipes import default_calibration
 from lmcache_kvtc import Calibration, CodecError, KVTCCodec
 from lmcache_kvtc.calibrate.capture import prefill
+from lmcache_kvtc.defaults import RATIO
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--ratio", type=float, default=16)
+parser.add_argument("--ratio", type=float, default=RATIO)
 parser.add_argument("--calibration", type=Path)
 args = parser.parse_args()
 

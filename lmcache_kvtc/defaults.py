@@ -6,3 +6,7 @@ SINKS = 4
 WINDOW = 128
 #: LMCache's default chunk: the unit of the calibration's rate-distortion curves and of the serde's objects
 CHUNK_TOKENS = 256
+#: the serde's byte budget (1/ratio of bf16) when its JSON gives none: the largest ratio that stays near-lossless
+#: (KL ≤ 0.03 and ΔNLL ≤ 0.03 nats/token) on the worst evaluation source through LMCache (README, "Calibration
+#: text": held-out code decides; 16 sits on the bound there)
+RATIO = 12.0

@@ -22,7 +22,7 @@ def vllm_fp8(kv: torch.Tensor, fmt: torch.dtype) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def fp8_engine(small_calibration_path):
-    return KVTCEngine(SerdeOptions(calibration=str(small_calibration_path), kv_cache_dtype="fp8"))
+    return KVTCEngine(SerdeOptions(calibration=str(small_calibration_path), ratio=16, kv_cache_dtype="fp8"))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_fp8_objects_lose_no_more_than_bf16_objects_at_the_same_stored_size(fp8_
 
 @pytest.fixture(scope="module")
 def engine_bf16(small_calibration_path):
-    return KVTCEngine(SerdeOptions(calibration=str(small_calibration_path)))
+    return KVTCEngine(SerdeOptions(calibration=str(small_calibration_path), ratio=16))
 
 
 def test_fused_fp8_objects_keep_their_layout(fp8_engine, fp8_chunk):

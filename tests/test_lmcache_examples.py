@@ -93,7 +93,7 @@ def test_classic_yaml_and_vllm_connector_v1():
     assert config.storage_plugins == ["kvtc"]
     assert config.extra_config["storage_plugin.kvtc.module_path"] == "lmcache_kvtc.lmcache.classic"
     options, limit, _ = options_from_extra_config(config.extra_config)
-    assert options.ratio == 16 and limit == 20 * 2**30
+    assert options.ratio == 12 and limit == 20 * 2**30
     spec = json.loads((EXAMPLES / "vllm_connector_v1.json").read_text())
     assert spec["kv_connector"] == "LMCacheConnectorV1"
     for key, value in spec["kv_connector_extra_config"].items():

@@ -33,7 +33,7 @@ from lmcache_kvtc.lmcache.stats import SerdeStats
 
 @pytest.fixture(scope="module")
 def engine(small_calibration_path):
-    return KVTCEngine(SerdeOptions(calibration=str(small_calibration_path)))
+    return KVTCEngine(SerdeOptions(calibration=str(small_calibration_path), ratio=16))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_fixed_size_blob_is_padded_to_exactly_its_bf16_bytes_over_the_ratio(engi
 def test_serde_output_equals_the_standalone_codec_at_the_true_position(small_calibration_path, chunks,
                                                                       small_calibration):
     events = []
-    engine = KVTCEngine(SerdeOptions(calibration=str(small_calibration_path)), observer=events.append)
+    engine = KVTCEngine(SerdeOptions(calibration=str(small_calibration_path), ratio=16), observer=events.append)
     for start, chunk in zip((0, 256), chunks, strict=True):
         _, _, (restored,) = roundtrip(engine, [chunk])
         assert torch.equal(restored, standalone(small_calibration, chunk, start))
@@ -99,7 +99,7 @@ def test_serde_output_equals_the_standalone_codec_at_the_true_position(small_cal
 
 
 def test_fixed_size_false_returns_the_true_size_and_still_decodes(small_calibration_path, chunks):
-    engine = KVTCEngine(SerdeOptions(calibration=str(small_calibration_path), fixed_size=False))
+    engine = KVTCEngine(SerdeOptions(calibration=str(small_calibration_path), ratio=16, fixed_size=False))
     written, dst, (restored,) = roundtrip(engine, [chunks[1]])
     assert written < dst.get_size()
     assert written == describe(bytes(dst.byte_array)[:written])["bytes"]["blob"]
@@ -205,7 +205,7 @@ def test_stats_count_stores_plans_refusals_loads_and_failures_and_reach_promethe
     provider = MeterProvider(metric_readers=[PrometheusMetricReader()])
     try:
         stats = SerdeStats(provider.get_meter("test"), log_interval=0, labels={"calibration": "cal"})
-        engine = KVTCEngine(SerdeOptions(calibration=str(small_calibration_path)), stats=stats)
+        engine = KVTCEngine(SerdeOptions(calibration=str(small_calibration_path), ratio=16), stats=stats)
         _, dst, _ = roundtrip(engine, [chunks[1]])
         with pytest.raises(CodecError):
             KVTCSerializer(engine).serialize(memory_obj([torch.zeros(2, 24, 256, 128, dtype=torch.uint8)]),

@@ -112,11 +112,11 @@ def test_without_vllm_in_the_server_env_a_vllm_cpu_object_is_a_failed_store(smal
     except ImportError:
         pass
     obj = torch.randn(LAYERS, TOKENS, 2 * HEADS * HEAD_DIM).to(torch.bfloat16)
-    engine = KVTCEngine(SerdeOptions(str(small_calibration_path), layout="vllm-cpu"))
+    engine = KVTCEngine(SerdeOptions(str(small_calibration_path), ratio=16, layout="vllm-cpu"))
     assert engine.estimate([obj.shape], [obj.dtype]) == obj.numel() * 2 // 16  # the budget needs no mapping
     with pytest.raises(UnsupportedLayoutError, match="vllm-cpu cannot be imported"):
         engine.encode([obj], None)
-    auto = KVTCEngine(SerdeOptions(str(small_calibration_path)))
+    auto = KVTCEngine(SerdeOptions(str(small_calibration_path), ratio=16))
     with pytest.raises(UnsupportedLayoutError, match="layout: vllm-cpu"):
         auto.encode([obj], None)
 

@@ -10,7 +10,7 @@ a LocalCPU allocation::
       storage_plugin.kvtc.module_path: lmcache_kvtc.lmcache.classic
       storage_plugin.kvtc.class_name: KVTCStoragePlugin
       kvtc.calibration: /opt/kvtc/model.safetensors   # file or directory (required)
-      kvtc.ratio: 16
+      kvtc.ratio: 12
       kvtc.store: disk                                # ram (default), disk or redis
       kvtc.path: /var/lib/lmcache/kvtc                # disk: the directory
       kvtc.redis_url: redis://127.0.0.1:6379/0        # redis: where

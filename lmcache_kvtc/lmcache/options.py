@@ -1,7 +1,7 @@
 """The ``kvtc`` serde's settings: the adapter JSON's ``"serde"`` dict, validated.
 
     calibration   file or directory of calibrations (required; see .selection)
-    ratio         every stored object takes at most 1/ratio of its bf16 bytes (default 16); each chunk is
+    ratio         every stored object takes at most 1/ratio of its bf16 bytes (default 12); each chunk is
                   coded with the finest plan of the calibration's ladder that fits (rate control)
     device        torch device for coding (default "cpu")
     fixed_size    pad blobs to exactly that budget (default true, as 0.5.6's fs/resp need; false for
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..defaults import SINKS
+from ..defaults import RATIO, SINKS
 from .fp8 import FP8_FORMATS, Fp8Cache
 
 LAYOUTS = ("auto", "vllm-cpu")
@@ -39,7 +39,7 @@ class SerdeOptions:
     """The adapter JSON's serde kwargs, validated (unknown keys are errors, not silently ignored)."""
 
     calibration: str
-    ratio: float = 16.0
+    ratio: float = RATIO
     device: str = "cpu"
     fixed_size: bool = True
     max_workers: int = 1
