@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="lmcache-kvtc",
-    version="0.3.0",  # 0.3: default calibration on State of the Union prose + Python source (was Wikipedia)
+    version="0.4.0",  # 0.4: default ratio 12 (was 16); 0.3: default calibration on State of the Union prose + code
     description="KV Cache Transform Coding (KVTC) as an LMCache extension",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

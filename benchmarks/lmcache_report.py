@@ -36,6 +36,7 @@ from lmcache_kvtc.lmcache.position import PositionEstimator
 
 from . import report_files, retrieval
 from .baselines import KIVI, Baseline, turboquant_baselines
+from .machine import cpu_name
 
 MODEL = "qwen2.5-coder-0.5b"
 CHUNK = tiers.CHUNK_TOKENS
@@ -242,7 +243,7 @@ def markdown(report: dict) -> str:
              f"{report['contexts']} context(s) each of {', '.join(report['sources'])}, {report['prefix']}-token "
              f"prefix in {CHUNK}-token chunks, next {report['continuation']} tokens teacher-forced. Stored = every "
              "byte LMCache keeps per chunk (kvtc: its fixed-size object); baselines in-process are charged their "
-             "codes + scales. Mean [min–max] over contexts.", ""]
+             f"codes + scales. Mean [min–max] over contexts. Ran on {report.get('cpu', 'an unrecorded CPU')}.", ""]
     if not summary:  # --contexts 0
         lines = [f"Calibration: `{report['calibration']}` ({report['calibration_source']}); retrieval test only."]
     for label, limits in (("KL ≤ 0.03 and ΔNLL ≤ 0.03", {"kl": 0.03, "delta_nll": 0.03}),
@@ -362,6 +363,7 @@ def main(argv=None) -> None:
     report = {"model": args.model, "calibration": str(calibration_path),
               "calibration_source": calibration.info.get("source"), "contexts": args.contexts, "sources": args.sources,
               "prefix": args.prefix, "continuation": args.continuation, "date": time.strftime("%Y-%m-%d"),
+              "cpu": cpu_name(),
               "command": "python -m benchmarks.lmcache_report " + " ".join(sys.argv[1:] if argv is None else argv),
               "summary": summarize(rows), "per_source": summarize(rows, by_source=True), "rows": rows,
               "hit_rates": hit_rates(model, tokenizer, calibration_path, args.long, args.max_positions)
