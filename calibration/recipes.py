@@ -4,14 +4,16 @@ The cached default calibration the main job, tests and benchmarks share is built
 :func:`lmcache_kvtc.calibrate.driver.calibrate` (installed with the package); ``kvtc calibrate`` is its command
 for any model directory and text files.
 
-    python -m calibration.recipes --model qwen2.5-coder-1.5b --tokens 32768 --out q15.safetensors
     python -m calibration.recipes --default qwen2.5-coder-0.5b     # build (or find) the cached default
+    python -m calibration.recipes --model qwen2.5-coder-1.5b --prose --tokens 32768 --out q15-prose.safetensors
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import random
 import sys
 from collections.abc import Sequence
@@ -32,6 +34,12 @@ DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 #: names the recipe of the cached default calibration: a new recipe gets a new file, never an old one misread
 DEFAULT_RECIPE = "sotu-code"
 
+
+#: the default calibration captures at least this many tokens per feature dimension (layers · KV heads · head dim):
+#: the 1.5B's 7,168 features fit on 25K tokens left its spectrum's tail, and the plans drawn from it, wrong
+TOKENS_PER_FEATURE = 10
+MIN_TOKENS = 48 * 1024
+CONTEXT = 2048
 
 #: prose is cut into pieces of about this many characters (~2K tokens), so a fit of a few ten thousand tokens
 #: samples many addresses, not a few whole ones
@@ -73,6 +81,17 @@ def calibrate_named(model: str, documents: Sequence[str] | None = None, **option
     return calibrate((model, *models.load(model, dtype=dtype)), documents, **options)
 
 
+def default_tokens(model: str) -> int:
+    """Calibration tokens for ``model``'s default: :data:`TOKENS_PER_FEATURE` per feature in whole contexts, at
+    least :data:`MIN_TOKENS` (0.5B: 49,152 for 3,072 features; 1.5B: 71,680 for 7,168)."""
+    directory = Path(model) if Path(model).is_dir() else models.model_dir(model)
+    config = json.loads((directory / "config.json").read_text())
+    config = config.get("text_config", config)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    features = config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim
+    return max(MIN_TOKENS, math.ceil(TOKENS_PER_FEATURE * features / CONTEXT) * CONTEXT)
+
+
 def default_calibration_path(model: str) -> Path:
     """Named by calibration format version and recipe, so a cache built by an older release is rebuilt, not misread."""
     name = Path(model).name if Path(model).is_dir() else model
@@ -83,8 +102,8 @@ def default_calibration(model: str = DEFAULT_MODEL) -> Path:
     """The embedded default: ``model`` calibrated on the default mix, built on first use and cached."""
     path = default_calibration_path(model)
     if not path.exists():
-        log.info("no calibration for %s yet: building %s (one-time: 4-25 minutes on a 2-core CPU)", model, path)
-        calibrate_named(model, out=path)
+        log.info("no calibration for %s yet: building %s (one-time, on a 2-core CPU: 4-25 minutes for the 0.5B, ~40 for the 1.5B)", model, path)
+        calibrate_named(model, out=path, tokens=default_tokens(model), context=CONTEXT)
     return path
 
 

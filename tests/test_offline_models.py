@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import importlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +120,19 @@ class _CharTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         ids = [ord(c) + 2 for c in text]
         return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+@pytest.mark.parametrize(("config", "tokens"), [
+    ({"num_hidden_layers": 24, "num_key_value_heads": 2, "hidden_size": 896, "num_attention_heads": 14}, 49_152),
+    ({"num_hidden_layers": 28, "num_key_value_heads": 2, "hidden_size": 1536, "num_attention_heads": 12}, 71_680),
+    ({"text_config": {"num_hidden_layers": 32, "num_key_value_heads": 8, "head_dim": 128}}, 327_680),
+])
+def test_default_calibration_captures_ten_tokens_per_feature_in_whole_contexts(tmp_path: Path, config: dict,
+                                                                               tokens: int) -> None:
+    from calibration.recipes import default_tokens
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert default_tokens(str(tmp_path)) == tokens  # 0.5B: the 48K floor; 1.5B: 7,168 features; an 8B: 32,768
 
 
 def test_token_contexts_deterministic_and_exact_length() -> None:
