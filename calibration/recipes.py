@@ -102,7 +102,8 @@ def default_calibration(model: str = DEFAULT_MODEL) -> Path:
     """The embedded default: ``model`` calibrated on the default mix, built on first use and cached."""
     path = default_calibration_path(model)
     if not path.exists():
-        log.info("no calibration for %s yet: building %s (one-time, on a 2-core CPU: 4-25 minutes for the 0.5B, ~40 for the 1.5B)", model, path)
+        log.info("no calibration for %s yet: building %s (one-time, on a 2-core CPU: 4-25 minutes for the 0.5B, "
+                 "~40 for the 1.5B)", model, path)
         calibrate_named(model, out=path, tokens=default_tokens(model), context=CONTEXT)
     return path
 
