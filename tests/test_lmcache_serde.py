@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import re
 import struct
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -41,6 +43,15 @@ def chunks(eval_kv):
     kv, _ = eval_kv
     return [kv[:, :, i : i + 256].contiguous() for i in (0, 256)]
 
+
+
+def test_a_closed_serde_lets_go_of_its_calibrations_while_lmcache_still_holds_the_processor(small_calibration_path):
+    processor = make_serde({"calibration": str(small_calibration_path)})  # kept, as 0.5.6 keeps closed ones
+    engine = weakref.ref(processor._serializer.engine)
+    calibrations = [weakref.ref(c) for c in engine().calibrations.all()]
+    processor.close()
+    gc.collect()
+    assert engine() is None and all(c() is None for c in calibrations)
 
 def test_register_is_idempotent_and_a_second_import_does_not_raise():
     register()
