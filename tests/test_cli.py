@@ -42,7 +42,7 @@ def test_roundtrip_main_job_reports_honest_sizes_and_small_loss(small_calibratio
 
 def test_the_main_job_command_prints_its_report_without_lmcaches_info_lines(small_calibration_path, tmp_path):
     done = subprocess.run([sys.executable, "-m", "calibration.roundtrip", "--calibration", str(small_calibration_path),
-                           "--context", "512", "--blob", str(tmp_path / "rt.kvtc")],
+                           "--context", "512", "--ratio", "16", "--blob", str(tmp_path / "rt.kvtc")],
                           capture_output=True, text=True, cwd=REPO, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "KVTC round trip" in done.stdout and "through LMCache 0.5.6" in done.stdout
