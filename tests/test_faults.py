@@ -119,7 +119,8 @@ def small_fs(tmp_path):
 def test_a_full_file_system_fails_the_store_cleanly_and_keeps_earlier_objects(chunks, expected, small_fs,
                                                                              small_calibration_path,
                                                                              small_calibration):
-    estimate = KVTCEngine(SerdeOptions(str(small_calibration_path))).estimate([chunks[0].shape], [torch.bfloat16])
+    engine = KVTCEngine(SerdeOptions(str(small_calibration_path), ratio=16))
+    estimate = engine.estimate([chunks[0].shape], [torch.bfloat16])
     fits = (1 << 20) // estimate
     assert 2 <= fits < 12, f"{estimate}-byte blobs: choose another tmpfs size"
     sm = tiers.storage_manager([tiers.with_kvtc({"type": "fs", "base_path": str(small_fs)},

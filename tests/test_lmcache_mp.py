@@ -34,7 +34,8 @@ def test_fs_round_trip_matches_the_standalone_codec_at_true_positions(prefix, sm
     assert torch.equal(restored[:, :, :4], prefix[:, :, :4])  # attention sinks exact
     error = float((restored.float() - prefix.float()).norm() / prefix.float().norm())
     assert 0 < error < 0.1
-    estimate = KVTCEngine(SerdeOptions(str(calibration_path))).estimate([prefix[:, :, :256].shape], [torch.bfloat16])
+    engine = KVTCEngine(SerdeOptions(str(calibration_path), ratio=16))
+    estimate = engine.estimate([prefix[:, :, :256].shape], [torch.bfloat16])
     files = stored_files(tmp_path)
     assert len(files) == 2 and {f.stat().st_size for f in files} == {estimate}
     assert stats["stored_bytes"] == [estimate, estimate]

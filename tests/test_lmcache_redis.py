@@ -27,7 +27,8 @@ def test_resp_round_trip_stores_fixed_size_blobs(chunks, small_calibration_path,
     assert stats["l2_hits"] == 2 and stats["positions_right"] == 2
     for start, chunk in zip((0, 256), chunks, strict=True):
         assert torch.equal(restored[:, :, start : start + 256], standalone(small_calibration, chunk, start))
-    estimate = KVTCEngine(SerdeOptions(str(small_calibration_path))).estimate([chunks[0].shape], [torch.bfloat16])
+    engine = KVTCEngine(SerdeOptions(str(small_calibration_path), ratio=16))
+    estimate = engine.estimate([chunks[0].shape], [torch.bfloat16])
     client = redis.Redis(host=redis_server.host, port=redis_server.port)
     sizes = [client.strlen(k) for k in client.keys("*")]
     assert len(sizes) == 2 and all(estimate <= s <= estimate + 64 for s in sizes)  # value = blob (+ size header)

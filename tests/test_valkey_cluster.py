@@ -106,7 +106,7 @@ def test_a_second_node_loads_bit_identical_kv_from_blobs_spread_over_the_masters
     assert hits == 2 and len(loaded) == 2
     for got, want in zip(loaded, expected, strict=True):
         assert torch.equal(got, want)
-    estimate = KVTCEngine(SerdeOptions(str(small_calibration_path))).estimate([shape], [torch.bfloat16])
+    estimate = KVTCEngine(SerdeOptions(str(small_calibration_path), ratio=16)).estimate([shape], [torch.bfloat16])
     for key, start in zip(keys, STARTS, strict=True):
         wire = _object_key_to_string(key)
         value = redis_cluster.client(redis_cluster.master_of(wire)).get(wire)
