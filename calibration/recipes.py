@@ -11,7 +11,6 @@ for any model directory and text files.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import random
@@ -19,10 +18,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmcache_kvtc.calibrate.capture import fastest_dtype
+from lmcache_kvtc.calibrate.capture import fastest_dtype, kv_dims
 from lmcache_kvtc.calibrate.driver import calibrate
 from lmcache_kvtc.calibration import FORMAT_VERSION, Calibration
 from lmcache_kvtc.cli import add_calibrate_options, calibrate_options, wrote
+from lmcache_kvtc.defaults import CALIBRATION_CONTEXT, CALIBRATION_TOKENS
 
 from . import models, texts
 
@@ -38,8 +38,6 @@ DEFAULT_RECIPE = "sotu-code"
 #: the default calibration captures at least this many tokens per feature dimension (layers · KV heads · head dim):
 #: the 1.5B's 7,168 features fit on 25K tokens left its spectrum's tail, and the plans drawn from it, wrong
 TOKENS_PER_FEATURE = 10
-MIN_TOKENS = 48 * 1024
-CONTEXT = 2048
 
 #: prose is cut into pieces of about this many characters (~2K tokens), so a fit of a few ten thousand tokens
 #: samples many addresses, not a few whole ones
@@ -83,13 +81,13 @@ def calibrate_named(model: str, documents: Sequence[str] | None = None, **option
 
 def default_tokens(model: str) -> int:
     """Calibration tokens for ``model``'s default: :data:`TOKENS_PER_FEATURE` per feature in whole contexts, at
-    least :data:`MIN_TOKENS` (0.5B: 49,152 for 3,072 features; 1.5B: 71,680 for 7,168)."""
+    least ``CALIBRATION_TOKENS`` (0.5B: 49,152 for 3,072 features; 1.5B: 71,680 for 7,168)."""
+    from transformers import AutoConfig
+
     directory = Path(model) if Path(model).is_dir() else models.model_dir(model)
-    config = json.loads((directory / "config.json").read_text())
-    config = config.get("text_config", config)
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    features = config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim
-    return max(MIN_TOKENS, math.ceil(TOKENS_PER_FEATURE * features / CONTEXT) * CONTEXT)
+    layers, kv_heads, head_dim = kv_dims(AutoConfig.from_pretrained(directory))
+    contexts = math.ceil(TOKENS_PER_FEATURE * layers * kv_heads * head_dim / CALIBRATION_CONTEXT)
+    return max(CALIBRATION_TOKENS, contexts * CALIBRATION_CONTEXT)
 
 
 def default_calibration_path(model: str) -> Path:
@@ -104,7 +102,7 @@ def default_calibration(model: str = DEFAULT_MODEL) -> Path:
     if not path.exists():
         log.info("no calibration for %s yet: building %s (one-time, on a 2-core CPU: 4-25 minutes for the 0.5B, "
                  "~40 for the 1.5B)", model, path)
-        calibrate_named(model, out=path, tokens=default_tokens(model), context=CONTEXT)
+        calibrate_named(model, out=path, tokens=default_tokens(model))
     return path
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .calibrate.fitting import DEFAULT_RATIOS
+from .defaults import CALIBRATION_CONTEXT, CALIBRATION_TOKENS
 
 
 def add_calibrate_options(parser: argparse.ArgumentParser, required: bool = True,
@@ -21,8 +22,8 @@ def add_calibrate_options(parser: argparse.ArgumentParser, required: bool = True
     """The options of ``kvtc calibrate`` (shared with the checkout's ``python -m calibration.recipes``)."""
     parser.add_argument("--model", required=required, help=model_help)
     parser.add_argument("--text", nargs="+" if required else "*", required=required, help="UTF-8 text files")
-    parser.add_argument("--tokens", type=int, default=48 * 1024, help="calibration tokens in total")
-    parser.add_argument("--context", type=int, default=2048, help="tokens per prefilled context")
+    parser.add_argument("--tokens", type=int, default=CALIBRATION_TOKENS, help="calibration tokens in total")
+    parser.add_argument("--context", type=int, default=CALIBRATION_CONTEXT, help="tokens per prefilled context")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     parser.add_argument("--key-weight", type=key_weight, default="auto",
                         help="K/V bit split: auto (tuned by KL on held-out text), equal, or a weight on key error")

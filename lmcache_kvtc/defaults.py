@@ -10,3 +10,6 @@ CHUNK_TOKENS = 256
 #: (KL ≤ 0.03 and ΔNLL ≤ 0.03 nats/token) on the worst evaluation source through LMCache (README, "Calibration
 #: text": held-out code decides; 16 sits on the bound there)
 RATIO = 12.0
+#: calibration text: tokens in total (the floor of the checkout's default calibrations) and tokens per context
+CALIBRATION_TOKENS = 48 * 1024
+CALIBRATION_CONTEXT = 2048

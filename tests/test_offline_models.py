@@ -123,9 +123,12 @@ class _CharTokenizer:
 
 
 @pytest.mark.parametrize(("config", "tokens"), [
-    ({"num_hidden_layers": 24, "num_key_value_heads": 2, "hidden_size": 896, "num_attention_heads": 14}, 49_152),
-    ({"num_hidden_layers": 28, "num_key_value_heads": 2, "hidden_size": 1536, "num_attention_heads": 12}, 71_680),
-    ({"text_config": {"num_hidden_layers": 32, "num_key_value_heads": 8, "head_dim": 128}}, 327_680),
+    ({"model_type": "qwen2", "num_hidden_layers": 24, "num_key_value_heads": 2, "hidden_size": 896,
+      "num_attention_heads": 14}, 49_152),
+    ({"model_type": "qwen2", "num_hidden_layers": 28, "num_key_value_heads": 2, "hidden_size": 1536,
+      "num_attention_heads": 12}, 71_680),
+    ({"model_type": "llama", "num_hidden_layers": 32, "num_key_value_heads": 8, "hidden_size": 4096,
+      "num_attention_heads": 32}, 327_680),
 ])
 def test_default_calibration_captures_ten_tokens_per_feature_in_whole_contexts(tmp_path: Path, config: dict,
                                                                                tokens: int) -> None:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..calibration import Calibration, StreamBasis
 from ..codec import KVTCCodec, token_features
-from ..defaults import SINKS, WINDOW
+from ..defaults import CALIBRATION_CONTEXT, CALIBRATION_TOKENS, SINKS, WINDOW
 from ..rope import RopeTable
 from . import tensor_parallel
 from .architecture import check_architecture, verified_rope_table
@@ -108,8 +108,8 @@ def split_contexts(tokenizer, documents: Sequence[str], tokens: int, context: in
 def calibrate(
     model: str | tuple,
     documents: Sequence[str],
-    tokens: int = 48 * 1024,
-    context: int = 2048,
+    tokens: int = CALIBRATION_TOKENS,
+    context: int = CALIBRATION_CONTEXT,
     heldout_contexts: int = 3,
     ratios: Sequence[float] = DEFAULT_RATIOS,
     out: str | Path | None = None,
